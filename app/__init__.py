@@ -1,0 +1,1 @@
+"""VMAT Planner web app (Panel)."""

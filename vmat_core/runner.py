@@ -1,0 +1,290 @@
+"""``run_vmat_global_optimal(config)``: PortPy's VMAT global-optimal workflow as a callable.
+
+Phases: load the case with PortPy's own classes, down-sample the influence matrix (cached), build the notebook's
+MIP (``vmat_core.model``), solve it (``vmat_core.solvers``), evaluate the plan (``vmat_core.evaluation``) and
+write one complete run folder (``vmat_core.store``). Progress is reported through ``on_progress(event)`` with
+plain dicts so that worker processes can forward it to the job ledger unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vmat_core import __version__, cases, paths
+from vmat_core.config import RunConfig, to_portpy_opt_params, validate_config
+from vmat_core.evaluation import evaluate_plan, is_target
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    metadata: dict
+    timings_s: dict = field(default_factory=dict)
+
+
+class RunCancelled(RuntimeError):
+    """Raised when a run is cancelled before the solver produced anything worth keeping."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """PortPy prints progress chatter (and get_volume warnings) to stdout; keep it out of the planner's console."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield buf
+
+
+def load_case(cfg: RunConfig, portpy_dir: Path | None = None):
+    """PortPy objects of the case: (data, ct, structs, beams, clinical_criteria, opt_params)."""
+    import portpy.photon as pp
+
+    case_dir = cases.resolve_case_dir(cfg.case_id, portpy_dir)
+    with _quiet():
+        data = pp.DataExplorer(data_dir=str(case_dir.parent))
+        data.patient_id = cfg.case_id
+        ct = pp.CT(data)
+        structs = pp.Structures(data)
+        beams = pp.Beams(data, beam_ids=list(cfg.beam_ids))
+        clinical_criteria = pp.ClinicalCriteria(data, protocol_name=cfg.protocol)
+        opt_params = to_portpy_opt_params(cfg)
+        structs.create_opt_structures(opt_params=opt_params, clinical_criteria=clinical_criteria)
+    return data, ct, structs, beams, clinical_criteria, opt_params
+
+
+def down_sampled_matrix(cfg: RunConfig, ct, structs, beams):
+    """(full-resolution influence matrix, down-sampled one), as the notebook creates them."""
+    import portpy.photon as pp
+
+    with _quiet():
+        inf_matrix = pp.InfluenceMatrix(ct=ct, structs=structs, beams=beams)
+        vox_mm = [r * f for r, f in zip(ct.get_ct_res_xyz_mm(), cfg.voxel_down_sample_factors)]
+        k = cfg.beamlet_down_sample_factor
+        inf_db = inf_matrix.create_down_sample(
+            beamlet_width_mm=beams.get_finest_beamlet_width() * k,
+            beamlet_height_mm=beams.get_finest_beamlet_height() * k,
+            opt_vox_xyz_res_mm=vox_mm,
+        )
+    return inf_matrix, inf_db
+
+
+def software_versions() -> dict:
+    import cvxpy
+    import highspy  # noqa: F401
+    import portpy
+
+    versions = {
+        "vmat_planner": __version__,
+        "python": platform.python_version(),
+        "portpy": getattr(portpy, "__version__", "unknown"),
+        "cvxpy": cvxpy.__version__,
+        "numpy": np.__version__,
+    }
+    for mod in ("highspy", "pyscipopt", "mosek"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[mod] = version({"pyscipopt": "PySCIPOpt", "mosek": "Mosek"}.get(mod, mod))
+    return versions
+
+
+def run_vmat_global_optimal(
+    config: RunConfig | dict,
+    *,
+    on_progress: ProgressFn | None = None,
+    on_log: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    store=None,
+    portpy_dir: Path | None = None,
+    warm_start: dict | None = None,
+) -> RunResult:
+    """Run the notebook's VMAT global-optimal plan for ``config`` and write it to the run store.
+
+    Invalid configs raise ``ConfigError`` before anything is loaded or written.
+    """
+    import portpy.photon as pp
+
+    from vmat_core import solvers
+    from vmat_core.model import build_vmat_mip
+    from vmat_core.store import RunStore, new_run_id
+
+    cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
+    case = cases.case_info(cfg.case_id, portpy_dir)
+    validate_config(cfg, case)
+    choice = solvers.choose_solver(cfg.solver.solver)
+    store = store or RunStore()
+    emit = on_progress or (lambda event: None)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    created_at = datetime.now(UTC)
+
+    def phase(name: str, **extra) -> None:
+        emit({"phase": name, "elapsed_s": time.perf_counter() - t_start, **extra})
+
+    phase("load")
+    t = time.perf_counter()
+    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg, portpy_dir)
+    timings["load"] = time.perf_counter() - t
+
+    phase("downsample")
+    t = time.perf_counter()
+    inf_matrix, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
+    timings["downsample"] = time.perf_counter() - t
+    num_fractions = int(clinical_criteria.get_num_of_fractions())
+    prescription_gy = float(clinical_criteria.get_prescription())
+
+    phase("build")
+    t = time.perf_counter()
+    with _quiet():
+        plan = pp.Plan(ct=ct, structs=structs, beams=beams, inf_matrix=inf_db, clinical_criteria=clinical_criteria)
+        opt = pp.Optimization(plan, opt_params=opt_params)
+        model = build_vmat_mip(opt, opt_params, num_fractions, cfg.mu_bound)
+    timings["build"] = time.perf_counter() - t
+    phase("solve", solver=choice.name, reason=choice.reason, **model.size, n_voxels=int(inf_db.A.shape[0]))
+
+    def progress(p) -> None:
+        phase("solve", incumbent=p.incumbent, bound=p.bound, gap=p.gap, nodes=p.nodes, solver_elapsed_s=p.elapsed_s)
+
+    log_lines: list[str] = []
+
+    def on_solver_log(line: str) -> None:
+        log_lines.append(line)
+        if on_log:
+            on_log(line)
+
+    start_values = None
+    if warm_start:
+        start_values = {getattr(model, k): np.asarray(v) for k, v in warm_start.items() if hasattr(model, k)}
+    t = time.perf_counter()
+    result = solvers.solve_mip(
+        model.problem,
+        solver=choice.name,
+        time_limit_s=cfg.solver.time_limit_s,
+        mip_gap=cfg.solver.mip_gap,
+        threads=cfg.solver.threads,
+        on_progress=progress,
+        on_log=on_solver_log,
+        should_stop=should_stop,
+        warm_start=start_values,
+        solver_options=dict(cfg.solver.options or {}),
+    )
+    timings["solve"] = time.perf_counter() - t
+    if not result.has_solution:
+        if result.status == "cancelled":
+            raise RunCancelled("cancelled before the solver found a deliverable plan")
+        raise RuntimeError(f"{result.solver} found no solution: {result.status} ({result.message})")
+
+    phase("postprocess")
+    t = time.perf_counter()
+    x = np.asarray(model.x.value, dtype=float).clip(min=0)
+    dose_1d = inf_db.A @ (x * num_fractions)
+    dose_3d = inf_db.dose_1d_to_3d(dose_1d=dose_1d)
+    criteria_list = clinical_criteria.get_criteria()
+    ev = evaluate_plan(inf_db, list(structs.get_structures()), dose_1d, prescription_gy, criteria_list)
+    timings["postprocess"] = time.perf_counter() - t
+
+    phase("write")
+    t = time.perf_counter()
+    cfg_dict = cfg.to_dict()
+    run_id = new_run_id(cfg.content_hash(), created_at)
+    metadata = _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy)
+    trace = pd.DataFrame(
+        [
+            {"elapsed_s": p.elapsed_s, "incumbent": p.incumbent, "bound": p.bound, "gap": p.gap, "nodes": p.nodes}
+            for p in result.trace
+        ],
+        columns=["elapsed_s", "incumbent", "bound", "gap", "nodes"],
+    ).astype("float64")
+    arrays = {
+        "dose_3d_gy": dose_3d.astype(np.float32),
+        "dose_1d_gy": dose_1d.astype(np.float32),
+        "fluence": x,
+        "mu": np.asarray(model.mu.value, dtype=float),
+        "left_leaf_pos": np.rint(np.asarray(model.lbi.value, dtype=float)).astype(np.int32),
+        "right_leaf_pos": np.rint(np.asarray(model.rbi.value, dtype=float)).astype(np.int32),
+        "beamlet_open": np.rint(np.asarray(model.z.value, dtype=float)).astype(np.int8),
+        "leaf_row_beam": model.leaves.row_beam.astype(np.int32),
+    }
+    run_dir = store.write_run(
+        run_id,
+        config=cfg_dict,
+        metadata=metadata,
+        arrays=arrays,
+        tables={"dvh": ev.dvh, "metrics": ev.metrics, "criteria": ev.criteria, "progress": trace},
+        texts={"solver.log": result.log or "\n".join(log_lines)},
+        json_files={"objective_terms.json": model.term_values(), "timings.json": timings},
+    )
+    timings["write"] = time.perf_counter() - t
+    phase("done", run_id=run_id, status=result.status, objective=result.objective, gap=result.gap)
+    return RunResult(run_id=run_id, run_dir=run_dir, metadata=metadata, timings_s=timings)
+
+
+def weight_column(row) -> str:
+    """History column of an objective row's weight, e.g. ``w_CORD_quadratic``, ``w_PTV_quadratic_underdose``."""
+    return f"w_{row.structure_name or 'all'}_{row.type}".replace("-", "_")
+
+
+def _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy) -> dict:
+    md: dict = {
+        "created_at": created_at,
+        "case_id": cfg.case_id,
+        "protocol": cfg.protocol,
+        "label": cfg.label,
+        "config_hash": cfg.content_hash(),
+        "beam_ids": [int(b) for b in cfg.beam_ids],
+        "n_beams": len(cfg.beam_ids),
+        "voxel_ds_x": int(cfg.voxel_down_sample_factors[0]),
+        "voxel_ds_y": int(cfg.voxel_down_sample_factors[1]),
+        "voxel_ds_z": int(cfg.voxel_down_sample_factors[2]),
+        "beamlet_ds": int(cfg.beamlet_down_sample_factor),
+        "mu_bound": float(cfg.mu_bound),
+        "solver": result.solver,
+        "solver_requested": cfg.solver.solver,
+        "solver_reason": result.reason,
+        "time_limit_s": float(cfg.solver.time_limit_s),
+        "mip_gap_requested": float(cfg.solver.mip_gap),
+        "status": result.status,
+        "objective": result.objective,
+        "bound": result.bound,
+        "gap": result.gap,
+        "solve_time_s": result.solve_time_s,
+        "warm_start_objective": result.warm_start_objective,
+        "n_opt_voxels": int(inf_db.A.shape[0]),
+        "n_beamlets": int(inf_db.A.shape[1]),
+        "n_leaf_rows": model.leaves.n_rows,
+        "prescription_gy": prescription_gy,
+        "criteria_passed": ev.passed,
+        "criteria_failed": ev.failed,
+        "hostname": platform.node(),
+        "pid": os.getpid(),
+    }
+    for k, v in timings.items():
+        md[f"t_{k}_s"] = float(v)
+    md["t_total_s"] = float(sum(timings.values()))
+    for row in cfg.objectives:
+        md[weight_column(row)] = float(row.weight) if row.enabled else 0.0
+    for _, m in ev.metrics.iterrows():
+        s = m["structure"]
+        md[f"{s}_mean_gy"] = float(m["mean_gy"])
+        md[f"{s}_max_gy"] = float(m["max_gy"])
+        if is_target(s):
+            for col in ("d95_gy", "d98_gy", "d2_gy", "v100_pct"):
+                md[f"{s}_{col}"] = float(m[col])
+    md.update({f"version_{k}": v for k, v in software_versions().items()})
+    return md
