@@ -12,6 +12,8 @@ import contextlib
 import io
 import logging
 import os
+import pickle
+import zlib
 import platform
 import time
 from collections.abc import Callable
@@ -84,6 +86,93 @@ def down_sampled_matrix(cfg: RunConfig, ct, structs, beams):
     return inf_matrix, inf_db
 
 
+@dataclass
+class PreparedCase:
+    """Everything the MIP needs that does not depend on weights or dose targets."""
+
+    ct: object
+    structs: object
+    beams: object
+    inf_db: object
+    cache_hit: bool = False
+    load_s: float = 0.0
+    downsample_s: float = 0.0
+
+
+def prepared_cache_key(cfg: RunConfig, portpy_dir: Path | None = None) -> str:
+    """Inputs of the slow steps (optimisation structures, down-sampling): case files, beams, factors, definitions."""
+    import hashlib
+
+    case_dir = cases.resolve_case_dir(cfg.case_id, portpy_dir)
+    stamps = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in case_dir.iterdir() if p.is_file()
+    )
+    opt = to_portpy_opt_params(cfg)
+    defs = sorted(
+        {(o.get("structure_name"), o.get("structure_def")) for o in opt.get("objective_functions", [])
+         if o.get("structure_def")}
+        | {(c["parameters"].get("structure_name"), c["parameters"].get("structure_def"))
+           for c in opt.get("constraints", []) if c.get("parameters", {}).get("structure_def")}
+    )
+    payload = repr((str(case_dir), stamps, cfg.protocol, sorted(cfg.beam_ids), list(cfg.voxel_down_sample_factors),
+                    cfg.beamlet_down_sample_factor, defs, PREPARED_CACHE_VERSION))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+PREPARED_CACHE_VERSION = 1
+PREPARED_CACHE_SIZE_BYTES = 8 * 2**30
+_MEMORY_CACHE: dict[str, PreparedCase] = {}
+
+
+def _prepared_cache():
+    import diskcache
+
+    return diskcache.Cache(str(paths.cache_dir() / "prepared"), size_limit=PREPARED_CACHE_SIZE_BYTES,
+                           eviction_policy="least-recently-used")
+
+
+def prepare_case(cfg: RunConfig, portpy_dir: Path | None = None, *, use_cache: bool = True) -> PreparedCase:
+    """Load the case and down-sample its influence matrix — or take both from the cache.
+
+    PortPy's optimisation-structure dilations and ``create_down_sample`` dominate a run's set-up (minutes on the
+    realistic-size case), yet depend only on the case, beams, factors and structure definitions; so the result
+    is kept in a diskcache keyed by those, and in memory for the last setting of this process.
+    """
+    key = prepared_cache_key(cfg, portpy_dir)
+    if use_cache:
+        if key in _MEMORY_CACHE:
+            hit = _MEMORY_CACHE[key]
+            return PreparedCase(hit.ct, hit.structs, hit.beams, hit.inf_db, cache_hit=True)
+        with contextlib.suppress(Exception), _prepared_cache() as cache:
+            blob = cache.get(key)
+            if blob is not None:
+                prepared = PreparedCase(*pickle.loads(zlib.decompress(blob)), cache_hit=True)
+                _MEMORY_CACHE.clear()
+                _MEMORY_CACHE[key] = prepared
+                return prepared
+    t0 = time.perf_counter()
+    _, ct, structs, beams, _, _ = load_case(cfg, portpy_dir)
+    t1 = time.perf_counter()
+    _, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
+    t2 = time.perf_counter()
+    # The full-resolution matrices are only needed to build the down-sampled one; dropping them keeps the cache
+    # entry a fraction of the size.
+    beams.beams_dict.pop("influenceMatrixSparse", None)
+    beams.beams_dict.pop("influenceMatrixFull", None)
+    # create_down_sample deep-copies the whole matrix object, CT and structure masks included; point the copy back
+    # at the originals (same content) so that a cache entry holds them once.
+    inf_db._ct, inf_db._structs, inf_db._beams = ct, structs, beams
+    prepared = PreparedCase(ct, structs, beams, inf_db, load_s=t1 - t0, downsample_s=t2 - t1)
+    if use_cache:
+        with contextlib.suppress(Exception), _prepared_cache() as cache:
+            # Structure masks dominate the pickle (hundreds of MB) and compress a hundredfold.
+            blob = zlib.compress(pickle.dumps((ct, structs, beams, inf_db), protocol=pickle.HIGHEST_PROTOCOL), 1)
+            cache.set(key, blob)
+        _MEMORY_CACHE.clear()
+        _MEMORY_CACHE[key] = prepared
+    return prepared
+
+
 def software_versions() -> dict:
     import cvxpy
     import highspy  # noqa: F401
@@ -139,13 +228,15 @@ def run_vmat_global_optimal(
 
     phase("load")
     t = time.perf_counter()
-    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg, portpy_dir)
-    timings["load"] = time.perf_counter() - t
-
-    phase("downsample")
-    t = time.perf_counter()
-    inf_matrix, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
-    timings["downsample"] = time.perf_counter() - t
+    prepared = prepare_case(cfg, portpy_dir)
+    ct, structs, beams, inf_db = prepared.ct, prepared.structs, prepared.beams, prepared.inf_db
+    clinical_criteria = pp.ClinicalCriteria(pp.DataExplorer(data_dir=str(case.path.parent)), protocol_name=cfg.protocol)
+    opt_params = to_portpy_opt_params(cfg)
+    if prepared.cache_hit:
+        timings["load"], timings["downsample"] = time.perf_counter() - t, 0.0
+    else:
+        timings["load"] = time.perf_counter() - t - prepared.downsample_s
+        timings["downsample"] = prepared.downsample_s
     num_fractions = int(clinical_criteria.get_num_of_fractions())
     prescription_gy = float(clinical_criteria.get_prescription())
 
@@ -174,7 +265,7 @@ def run_vmat_global_optimal(
     t = time.perf_counter()
     result = solvers.solve_mip(
         model.problem,
-        solver=choice.name,
+        solver=cfg.solver.solver,
         time_limit_s=cfg.solver.time_limit_s,
         mip_gap=cfg.solver.mip_gap,
         threads=cfg.solver.threads,
@@ -203,7 +294,8 @@ def run_vmat_global_optimal(
     t = time.perf_counter()
     cfg_dict = cfg.to_dict()
     run_id = new_run_id(cfg.content_hash(), created_at)
-    metadata = _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy)
+    metadata = _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy,
+                             prepared.cache_hit)
     trace = pd.DataFrame(
         [
             {"elapsed_s": p.elapsed_s, "incumbent": p.incumbent, "bound": p.bound, "gap": p.gap, "nodes": p.nodes}
@@ -227,8 +319,8 @@ def run_vmat_global_optimal(
         metadata=metadata,
         arrays=arrays,
         tables={"dvh": ev.dvh, "metrics": ev.metrics, "criteria": ev.criteria, "progress": trace},
-        texts={"solver.log": result.log or "\n".join(log_lines)},
-        json_files={"objective_terms.json": model.term_values(), "timings.json": timings},
+        texts={"solver": result.log or "\n".join(log_lines)},
+        json_files={"objective_terms": model.term_values(), "timings": timings},
     )
     timings["write"] = time.perf_counter() - t
     phase("done", run_id=run_id, status=result.status, objective=result.objective, gap=result.gap)
@@ -240,7 +332,8 @@ def weight_column(row) -> str:
     return f"w_{row.structure_name or 'all'}_{row.type}".replace("-", "_")
 
 
-def _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy) -> dict:
+def _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy,
+                  cache_hit) -> dict:
     md: dict = {
         "created_at": created_at,
         "case_id": cfg.case_id,
@@ -266,6 +359,7 @@ def _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created
         "solve_time_s": result.solve_time_s,
         "warm_start_objective": result.warm_start_objective,
         "n_opt_voxels": int(inf_db.A.shape[0]),
+        "prepared_cache_hit": bool(cache_hit),
         "n_beamlets": int(inf_db.A.shape[1]),
         "n_leaf_rows": model.leaves.n_rows,
         "prescription_gy": prescription_gy,
@@ -288,3 +382,137 @@ def _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created
                 md[f"{s}_{col}"] = float(m[col])
     md.update({f"version_{k}": v for k, v in software_versions().items()})
     return md
+
+
+# --- the shipped reference plan -------------------------------------------------------------------------------
+
+def _reference_dicom(case_dir: Path) -> Path | None:
+    # PortPy's reader takes the last rt_dose file of the folder; do the same so both agree on "the" reference.
+    files = sorted((case_dir / "DicomFiles").glob("rt_dose*.dcm"))
+    return files[-1] if files else None
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def reference_plan(
+    case_id: str, voxel_down_sample_factors: tuple[int, int, int] = (6, 6, 1), protocol: str | None = None,
+    portpy_dir: Path | None = None,
+) -> dict:
+    """The case's shipped reference dose, evaluated exactly like a run (same voxels, DVH and criteria).
+
+    Returns ``{"dose_3d_gy", "dvh", "metrics", "criteria", "prescription_gy", "source"}``. The result is cached
+    under the data directory's cache, keyed by the DICOM file's size and time, so the app shows it instantly.
+    """
+    import portpy.photon as pp
+    from portpy.photon.utils import convert_dose_rt_dicom_to_portpy
+
+    from vmat_core.config import default_config
+
+    case = cases.case_info(case_id, portpy_dir)
+    dcm = _reference_dicom(case.path)
+    if dcm is None:
+        raise FileNotFoundError(f"case_id: {case_id!r} ships no reference dose (no DicomFiles/rt_dose*.dcm)")
+    cfg = default_config(case_id, protocol=protocol or (case.protocols[0] if case.protocols else "Lung_2Gy_30Fx"))
+    st = dcm.stat()
+    factors = tuple(int(f) for f in voxel_down_sample_factors)
+    key = f"{case_id}-{cfg.protocol}-{'x'.join(map(str, factors))}-{st.st_size}-{st.st_mtime_ns}"
+    cache_file = paths.cache_dir() / "reference" / f"{key}.pkl"
+    if cache_file.is_file():
+        with contextlib.suppress(Exception):
+            return pickle.loads(cache_file.read_bytes())
+
+    # The voxel grid does not depend on the beams: load one beam only, it is the cheapest.
+    beam = [case.planner_beam_ids[0] if case.planner_beam_ids else case.beam_ids[0]]
+    cfg = RunConfig.from_dict({**cfg.to_dict(), "beam_ids": beam, "voxel_down_sample_factors": list(factors)})
+    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg, portpy_dir)
+    with _quiet():
+        inf_matrix = pp.InfluenceMatrix(ct=ct, structs=structs, beams=beams)
+        inf_db = inf_matrix.create_down_sample(
+            opt_vox_xyz_res_mm=[r * f for r, f in zip(ct.get_ct_res_xyz_mm(), factors)]
+        )
+        dose_3d = np.asarray(convert_dose_rt_dicom_to_portpy(ct=ct, dose_file_name=str(dcm)), dtype=np.float32)
+    dose_1d = inf_db.dose_3d_to_1d(dose_3d=dose_3d).astype(float)
+    prescription_gy = float(clinical_criteria.get_prescription())
+    ev = evaluate_plan(inf_db, list(structs.get_structures()), dose_1d, prescription_gy, clinical_criteria.get_criteria())
+    out = {
+        "dose_3d_gy": dose_3d,
+        "dvh": ev.dvh,
+        "metrics": ev.metrics,
+        "criteria": ev.criteria,
+        "prescription_gy": prescription_gy,
+        "source": dcm.name,
+    }
+    _atomic_write_bytes(cache_file, pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+    return out
+
+
+# --- full-resolution dose of a stored run ---------------------------------------------------------------------
+
+def full_dose_cache_key(run_id: str, store=None) -> str:
+    """(run_id, checksum of the run's fluence): a reconstructed dose is valid exactly for that solution."""
+    import hashlib
+
+    from vmat_core.store import RunStore
+
+    store = store or RunStore()
+    fluence = store.read_arrays(run_id, ["fluence"])["fluence"]
+    return f"{run_id}-{hashlib.sha256(np.ascontiguousarray(fluence).tobytes()).hexdigest()[:16]}"
+
+
+def full_dose_path(run_id: str, store=None) -> Path:
+    return paths.cache_dir() / "full_dose" / f"{full_dose_cache_key(run_id, store)}.npz"
+
+
+def reconstruct_full_dose(run_id: str, *, store=None, portpy_dir: Path | None = None) -> dict:
+    """Dose of a run on the full-resolution influence matrix (every dose voxel, every original beamlet).
+
+    The optimisation works on the down-sampled matrix; this maps the optimal fluence back to the finest
+    beamlets (each takes its parent's intensity, PortPy's ``sol_change_inf_matrix``) and recomputes dose, DVH,
+    metrics and criteria. Cached by (run_id, fluence checksum), so it is computed once per run.
+    """
+    import portpy.photon as pp
+
+    from vmat_core.store import RunStore
+
+    store = store or RunStore()
+    target = full_dose_path(run_id, store)
+    if target.is_file():
+        return _read_full_dose(target)
+    cfg = RunConfig.from_dict(store.read_config(run_id))
+    fluence = store.read_arrays(run_id, ["fluence"])["fluence"]
+    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg, portpy_dir)
+    inf_matrix, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
+    with _quiet():
+        sol_full = pp.InfluenceMatrix.sol_change_inf_matrix(
+            {"optimal_intensity": fluence, "inf_matrix": inf_db}, inf_matrix=inf_matrix
+        )
+    nfx = int(clinical_criteria.get_num_of_fractions())
+    dose_1d = inf_matrix.A @ (np.asarray(sol_full["optimal_intensity"], dtype=float) * nfx)
+    dose_3d = inf_matrix.dose_1d_to_3d(dose_1d=dose_1d).astype(np.float32)
+    rx = float(clinical_criteria.get_prescription())
+    ev = evaluate_plan(inf_matrix, list(structs.get_structures()), dose_1d, rx, clinical_criteria.get_criteria())
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        dose_3d_gy=dose_3d,
+        dvh_json=np.frombuffer(ev.dvh.to_json(orient="records").encode(), dtype=np.uint8),
+        metrics_json=np.frombuffer(ev.metrics.to_json(orient="records").encode(), dtype=np.uint8),
+        criteria_json=np.frombuffer(ev.criteria.to_json(orient="records").encode(), dtype=np.uint8),
+    )
+    _atomic_write_bytes(target, buf.getvalue())
+    return _read_full_dose(target)
+
+
+def _read_full_dose(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {
+            "dose_3d_gy": z["dose_3d_gy"],
+            "dvh": pd.read_json(io.StringIO(bytes(z["dvh_json"]).decode()), orient="records"),
+            "metrics": pd.read_json(io.StringIO(bytes(z["metrics_json"]).decode()), orient="records"),
+            "criteria": pd.read_json(io.StringIO(bytes(z["criteria_json"]).decode()), orient="records"),
+        }
