@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from vmat_core.config import ConfigError, apply_overrides, default_config
-from vmat_core.runner import load_case, down_sampled_matrix, run_vmat_global_optimal
+from vmat_core.config import to_portpy_opt_params
+from vmat_core.runner import down_sampled_matrix, load_case, run_vmat_global_optimal
 from vmat_core.store import RunStore
 
 # Small enough to be solved to proven optimality in seconds, large enough to have every constraint family.
@@ -22,12 +23,20 @@ def tiny_config(*extra: str):
     return apply_overrides(default_config(), TINY + list(extra))
 
 
-def notebook_objective(cfg) -> float:
-    """The example's section 1, written out leaf by leaf as PortPy's notebook does, solved with HiGHS."""
+def notebook_problem(cfg, prepared=None) -> cp.Problem:
+    """The example's section 1, written out leaf by leaf as PortPy's notebook does.
+
+    ``prepared`` (a ``PreparedCase``) skips loading, so that benchmarks time the model alone.
+    """
     import portpy.photon as pp
 
-    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg)
-    _, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
+    if prepared is None:
+        data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg)
+        _, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
+    else:
+        ct, structs, beams, inf_db = prepared.ct, prepared.structs, prepared.beams, prepared.inf_db
+        clinical_criteria = pp.ClinicalCriteria(protocol_name=cfg.protocol)
+        opt_params = to_portpy_opt_params(cfg)
     plan = pp.Plan(ct=ct, structs=structs, beams=beams, inf_matrix=inf_db, clinical_criteria=clinical_criteria)
     opt = pp.Optimization(plan, opt_params=opt_params)
     opt.create_cvxpy_problem()
@@ -73,7 +82,11 @@ def notebook_objective(cfg) -> float:
         prev += len(b["leaves"])
         opt.constraints += [mu[i] <= U]
     opt.constraints += [lbi >= 0, rbi >= 0]
-    prob = cp.Problem(cp.Minimize(cp.sum(opt.obj)), opt.constraints)
+    return cp.Problem(cp.Minimize(cp.sum(opt.obj)), opt.constraints)
+
+
+def notebook_objective(cfg) -> float:
+    prob = notebook_problem(cfg)
     prob.solve(solver=cp.HIGHS, mip_rel_gap=0.0, time_limit=120)
     assert prob.status == cp.OPTIMAL, prob.status
     return float(prob.value)

@@ -16,7 +16,7 @@ from vmat_core import paths
 
 DEFAULT_CASE_ID = "Lung_Synth_Patient_1"
 DEFAULT_PROTOCOL = "Lung_2Gy_30Fx"
-_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _REQUIRED_FILES = ("CT_MetaData.json", "StructureSet_MetaData.json", "OptimizationVoxels_MetaData.json")
 
 
@@ -69,7 +69,7 @@ def resolve_case_dir(case_id: str, portpy_dir: Path | None = None) -> Path:
     """The folder of ``case_id``; a clear :class:`CaseError` for anything that is not an existing case."""
     if not isinstance(case_id, str) or not case_id:
         raise CaseError("case_id: must be a non-empty string naming a case folder")
-    if not _CASE_ID_RE.match(case_id) or ".." in case_id:
+    if not CASE_ID_RE.fullmatch(case_id) or ".." in case_id:
         raise CaseError(
             f"case_id: {case_id!r} is not a valid case id (letters, digits, '_', '-', '.'; no path separators)"
         )

@@ -180,12 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_runs)
 
-    try:
-        from vmat_core.jobs import add_cli_commands
-    except ImportError:
-        pass
-    else:
-        add_cli_commands(sub)
+    from vmat_core import fetch, jobs
+
+    jobs.add_cli_commands(sub)
+    fetch.add_cli_commands(sub)
     return p
 
 
