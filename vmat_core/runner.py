@@ -329,7 +329,9 @@ def run_vmat_global_optimal(
 
 def weight_column(row) -> str:
     """History column of an objective row's weight, e.g. ``w_CORD_quadratic``, ``w_PTV_quadratic_underdose``."""
-    return f"w_{row.structure_name or 'all'}_{row.type}".replace("-", "_")
+    from vmat_core.store import safe_column_name
+
+    return safe_column_name("w", row.structure_name or "all", row.type)
 
 
 def _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy,
