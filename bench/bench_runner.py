@@ -75,7 +75,7 @@ def main() -> int:
     import portpy.photon as pp
 
     prepared = runner.prepare_case(base)
-    cc = pp.ClinicalCriteria(pp.DataExplorer(data_dir=str(portpy_dir)), protocol_name=base.protocol)
+    cc = runner.protocol_criteria(base.protocol)
     opt_params = runner.to_portpy_opt_params(base)
     t = time.perf_counter()
     plan = pp.Plan(ct=prepared.ct, structs=prepared.structs, beams=prepared.beams, inf_matrix=prepared.inf_db,

@@ -12,7 +12,7 @@ import pytest
 
 from vmat_core.config import ConfigError, apply_overrides, default_config
 from vmat_core.config import to_portpy_opt_params
-from vmat_core.runner import down_sampled_matrix, load_case, run_vmat_global_optimal
+from vmat_core.runner import down_sampled_matrix, load_case, protocol_criteria, run_vmat_global_optimal
 from vmat_core.store import RunStore
 
 # Small enough to be solved to proven optimality in seconds, large enough to have every constraint family.
@@ -35,7 +35,7 @@ def notebook_problem(cfg, prepared=None) -> cp.Problem:
         _, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
     else:
         ct, structs, beams, inf_db = prepared.ct, prepared.structs, prepared.beams, prepared.inf_db
-        clinical_criteria = pp.ClinicalCriteria(protocol_name=cfg.protocol)
+        clinical_criteria = protocol_criteria(cfg.protocol)
         opt_params = to_portpy_opt_params(cfg)
     plan = pp.Plan(ct=ct, structs=structs, beams=beams, inf_matrix=inf_db, clinical_criteria=clinical_criteria)
     opt = pp.Optimization(plan, opt_params=opt_params)

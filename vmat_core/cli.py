@@ -61,7 +61,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # The app is a separate layer on top of the core: start it as its own program rather than importing it.
-    argv = [sys.executable, "-m", "app.server", "--host", args.host, "--port", str(args.port)]
+    argv = [sys.executable, "-m", "app.server", "--host", args.host, "--port", str(args.port), *args.server_args]
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the app (and its HTTP API)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=5006)
+    s.add_argument("server_args", nargs=argparse.REMAINDER,
+                   help="further server options: --basic-auth, --cookie-secret, --allow-websocket-origin, --workers")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("run", help="run the VMAT global-optimal plan and store it")

@@ -86,6 +86,13 @@ def down_sampled_matrix(cfg: RunConfig, ct, structs, beams):
     return inf_matrix, inf_db
 
 
+def protocol_criteria(protocol: str):
+    """PortPy's ClinicalCriteria of a shipped protocol (it reads PortPy's own config files, not the case)."""
+    import portpy.photon as pp
+
+    return pp.ClinicalCriteria(pp.DataExplorer(data_dir=str(paths.portpy_data_dir())), protocol_name=protocol)
+
+
 @dataclass
 class PreparedCase:
     """Everything the MIP needs that does not depend on weights or dose targets."""
@@ -230,7 +237,7 @@ def run_vmat_global_optimal(
     t = time.perf_counter()
     prepared = prepare_case(cfg, portpy_dir)
     ct, structs, beams, inf_db = prepared.ct, prepared.structs, prepared.beams, prepared.inf_db
-    clinical_criteria = pp.ClinicalCriteria(pp.DataExplorer(data_dir=str(case.path.parent)), protocol_name=cfg.protocol)
+    clinical_criteria = protocol_criteria(cfg.protocol)
     opt_params = to_portpy_opt_params(cfg)
     if prepared.cache_hit:
         timings["load"], timings["downsample"] = time.perf_counter() - t, 0.0
@@ -428,15 +435,13 @@ def reference_plan(
         with contextlib.suppress(Exception):
             return pickle.loads(cache_file.read_bytes())
 
-    # The voxel grid does not depend on the beams: load one beam only, it is the cheapest.
-    beam = [case.planner_beam_ids[0] if case.planner_beam_ids else case.beam_ids[0]]
-    cfg = RunConfig.from_dict({**cfg.to_dict(), "beam_ids": beam, "voxel_down_sample_factors": list(factors)})
-    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg, portpy_dir)
+    # The voxel grid does not depend on the beams; the default beams share the prepared-case cache with the
+    # default runs, so the reference usually costs no loading at all.
+    cfg = RunConfig.from_dict({**cfg.to_dict(), "voxel_down_sample_factors": list(factors)})
+    prepared = prepare_case(cfg, portpy_dir)
+    ct, structs, inf_db = prepared.ct, prepared.structs, prepared.inf_db
+    clinical_criteria = protocol_criteria(cfg.protocol)
     with _quiet():
-        inf_matrix = pp.InfluenceMatrix(ct=ct, structs=structs, beams=beams)
-        inf_db = inf_matrix.create_down_sample(
-            opt_vox_xyz_res_mm=[r * f for r, f in zip(ct.get_ct_res_xyz_mm(), factors)]
-        )
         dose_3d = np.asarray(convert_dose_rt_dicom_to_portpy(ct=ct, dose_file_name=str(dcm)), dtype=np.float32)
     dose_1d = inf_db.dose_3d_to_1d(dose_3d=dose_3d).astype(float)
     prescription_gy = float(clinical_criteria.get_prescription())
