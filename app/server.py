@@ -18,12 +18,11 @@ COOKIE_SECRET_ENV = "VMAT_COOKIE_SECRET"
 
 def pages() -> dict:
     """URL → page factory. Every page is a function so that each browser session gets its own objects."""
+    from app.history_page import create_history_page
+    from app.jobs_page import create_jobs_page
     from app.main import create_app
 
-    return {
-        "/": create_app,
-        # Further pages go here, e.g. "/history": create_history_page, "/jobs": create_jobs_page.
-    }
+    return {"/": create_app, "/history": create_history_page, "/jobs": create_jobs_page}
 
 
 def is_loopback(host: str) -> bool:

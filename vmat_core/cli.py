@@ -182,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_runs)
 
-    from vmat_core import fetch, jobs
+    from vmat_core import fetch, jobs, migrate
 
     jobs.add_cli_commands(sub)
     fetch.add_cli_commands(sub)
+    migrate.add_cli_commands(sub)
     return p
 
 

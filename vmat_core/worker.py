@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -84,16 +83,11 @@ def execute_job(
         cancelled = should_stop() or res.metadata.get("status") == "cancelled"
         return {"status": "cancelled" if cancelled else "done", "run_id": res.run_id, "error": None}
     if kind == "dose":
-        from vmat_core import runner
+        from vmat_core.runner import reconstruct_full_dose
 
-        fn = getattr(runner, "reconstruct_full_dose", None)
-        if fn is None:
-            raise JobError("full-dose reconstruction is not available: vmat_core.runner has no reconstruct_full_dose")
-        offered = {"on_progress": on_event, "on_log": on_log, "should_stop": should_stop}
-        params = inspect.signature(fn).parameters
         t0 = time.perf_counter()
         on_event({"phase": "dose", "elapsed_s": 0.0, "run_id": config["run_id"]})
-        fn(config["run_id"], **{k: v for k, v in offered.items() if k in params})
+        reconstruct_full_dose(config["run_id"])
         on_event({"phase": "done", "elapsed_s": time.perf_counter() - t0, "run_id": config["run_id"]})
         return {"status": "done", "run_id": config["run_id"], "error": None}
     raise JobError(f"kind: must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
