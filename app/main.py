@@ -1,23 +1,80 @@
-"""VMAT Planner's page. ``panel serve app/main.py`` serves it too."""
+"""VMAT Planner's Plan page. ``panel serve app/main.py`` serves it too."""
 
 from __future__ import annotations
 
 import panel as pn
 
-ACCENT = "#132456"
-ACCENT_LIGHT = "#56B4DA"
+from app import theme
+
+# Imported with the module, not per session: the viewer's custom browser component must be defined before the
+# first session renders so that its model is registered for every page.
+from app.axial_view import AxialViewer
+from app.comparison_view import ComparisonView
+from app.criteria_view import CriteriaView
+from app.dvh_view import DVHView
+from app.history_page import nav_html
+from app.live_view import LiveView
+from app.objectives_panel import ObjectivesPanel
+from app.state import PlanState
+from app.topbar import TopBar
+
+ACCENT = theme.ACCENT
+ACCENT_LIGHT = theme.ACCENT_LIGHT
+POLL_PERIOD_MS = 1000
+_WORKERS_KEY = "vmat_embedded_workers"
+
+
+def ensure_workers(n: int = 1):
+    """Start the embedded job workers once per process (``--dev`` reloads and new sessions reuse them)."""
+    if _WORKERS_KEY not in pn.state.cache:
+        from vmat_core import jobs
+
+        pn.state.cache[_WORKERS_KEY] = jobs.start_embedded_workers(n)
+    return pn.state.cache[_WORKERS_KEY]
+
+
+def build_page(state=None):
+    """The Plan page's components around one PlanState: (template, state)."""
+    state = state or PlanState()
+    card = {
+        "sizing_mode": "stretch_width",
+        "styles": {"background": "white", "border": f"1px solid {theme.BORDER}", "border-radius": "6px"},
+        "margin": (4, 6),
+    }
+    centre = pn.Column(DVHView(state=state), CriteriaView(state=state), **card)
+    right = pn.Column(AxialViewer(state=state), css_classes=["axial-viewer"], **card)
+    live = pn.Card(LiveView(state=state), title="Live optimisation", collapsed=False, header_background="#EEF4FA",
+                   sizing_mode="stretch_width", margin=(4, 6))
+    comparison = pn.Column(ComparisonView(state=state), **card)
+    template = pn.template.FastListTemplate(
+        title="VMAT Planner",
+        accent=theme.ACCENT,
+        header_background=theme.ACCENT,
+        background_color=theme.BACKGROUND,
+        header=[pn.pane.HTML(nav_html("Plan"), margin=(6, 10))],
+        sidebar=[ObjectivesPanel(state=state)],
+        sidebar_width=440,
+        main=[
+            TopBar(state=state),
+            pn.Row(centre, right, sizing_mode="stretch_width"),
+            live,
+            comparison,
+        ],
+        main_layout=None,
+        theme_toggle=False,
+    )
+    return template, state
 
 
 def create_app():
-    pn.extension(sizing_mode="stretch_width")
-    from vmat_core import cases
-
-    ids = cases.list_case_ids()
-    header = pn.pane.Markdown("## VMAT Planner", styles={"color": ACCENT})
-    body = pn.pane.Markdown(f"Cases: {', '.join(ids) or 'none (run `vmat-planner phantom`)'}")
-    return pn.template.FastListTemplate(
-        title="VMAT Planner", accent=ACCENT, header_background=ACCENT, main=[header, body]
-    )
+    pn.extension("tabulator", sizing_mode="stretch_width", raw_css=[theme.RAW_CSS], notifications=False)
+    ensure_workers(1)
+    template, state = build_page()
+    state.open_from_url(pn.state.session_args)
+    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+        cb = pn.state.add_periodic_callback(state.poll, period=POLL_PERIOD_MS)
+        pn.state.on_session_destroyed(lambda _ctx: cb.stop())
+    return template
 
 
 if pn.state.served:

@@ -1,0 +1,556 @@
+"""``PlanState``: the one shared state of the Plan page.
+
+Every panel reads and writes these parameters and nothing else. Data flows one way (case → config → job → run
+store → views); the state submits jobs and polls them, the views only read runs.
+
+Invariant: a change of ``case_id`` or ``displayed_run_id`` updates every dependent parameter in one batch
+(``param.update``), so a view never sees the new case with the old run, and views key whatever they cache by
+``(case_id, run_id)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import param
+
+from vmat_core import cases
+from vmat_core.cases import CaseInfo
+from vmat_core.config import ConfigError, RunConfig, default_config, validate_config
+from vmat_core.jobs import JobError
+from vmat_core.store import CorruptRun
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+FINISHED_STATUSES = ("done",)  # the job produced a run
+TERMINAL_STATUSES = ("cancelled", "done", "failed", "lost")  # vmat_core.jobs.TERMINAL_STATES
+
+# A fixed colour per structure name, so a structure looks the same in every view, run and session.
+STRUCTURE_PALETTE: dict[str, str] = {
+    "PTV": "#D62728",
+    "CTV": "#FF7F0E",
+    "GTV": "#8B0000",
+    "CORD": "#E6B800",
+    "ESOPHAGUS": "#8C564B",
+    "HEART": "#D61FBF",
+    "LUNG_L": "#1F77B4",
+    "LUNG_R": "#2CA02C",
+    "LUNGS_NOT_GTV": "#17BECF",
+    "SKIN": "#9E9E9E",
+    "BODY": "#7F7F7F",
+    "RIND_0": "#BCBD22",
+    "RIND_1": "#C5B0D5",
+    "RIND_2": "#9EDAE5",
+    "RIND_3": "#F7B6D2",
+    "RIND_4": "#DBDB8D",
+}
+_SPARE_COLOURS = ("#9467BD", "#17BECF", "#BCBD22", "#E377C2", "#AEC7E8", "#FFBB78", "#98DF8A", "#C49C94")
+
+
+def structure_colour(name: str) -> str:
+    """The palette colour of ``name``; unknown names get a stable spare colour (same name → same colour)."""
+    upper = name.upper()
+    if upper in STRUCTURE_PALETTE:
+        return STRUCTURE_PALETTE[upper]
+    for prefix in ("PTV", "GTV", "CTV"):
+        if upper.startswith(prefix):
+            return STRUCTURE_PALETTE[prefix]
+    return _SPARE_COLOURS[sum(upper.encode()) % len(_SPARE_COLOURS)]
+
+
+def is_main_structure(name: str) -> bool:
+    """Targets and organs at risk; not optimisation helpers (rinds), BODY/SKIN outlines or couch."""
+    upper = name.upper()
+    return not upper.startswith(("RIND", "SKIN", "BODY", "COUCH", "OPT", "RING", "DOSE"))
+
+
+def _initial_case_id() -> str | None:
+    ids = cases.list_case_ids()
+    if cases.DEFAULT_CASE_ID in ids:
+        return cases.DEFAULT_CASE_ID
+    return ids[0] if ids else None
+
+
+def job_client():
+    """The process-wide job client (created by ``vmat_core.jobs``, one per process)."""
+    from vmat_core import jobs
+
+    return jobs.get_job_client()
+
+
+def run_store():
+    from vmat_core.store import RunStore
+
+    return RunStore()
+
+
+class PlanState(param.Parameterized):
+    """Shared state of the Plan page (parameter names are a contract between the page's panels)."""
+
+    case_id = param.Selector(default=None, objects=[], allow_None=True, doc="The case being planned.")
+    case = param.ClassSelector(class_=CaseInfo, default=None, allow_None=True, constant=True,
+                               doc="Derived from case_id.")
+
+    config = param.ClassSelector(class_=RunConfig, default=None, allow_None=True,
+                                 doc="The configuration the next Re-optimise submits.")
+    config_error = param.String(default="", doc="'field: message' of the first invalid input; '' when valid.")
+    config_error_field = param.String(default="", doc="The field path of config_error (e.g. objectives[3:…].weight).")
+    config_revision = param.Integer(default=0, doc="Bumped when config is replaced wholesale (case change, load, "
+                                                   "reset), so editors rebuild their widgets from it.")
+
+    job_id = param.String(default=None, allow_None=True)
+    job_status = param.String(default="", doc="Status of job_id: queued, running, cancelling, done, failed, cancelled, lost.")
+    job_progress = param.Dict(default={}, doc="Latest progress of job_id from the job client.")
+    job_error = param.String(default="")
+    job_started_at = param.Number(default=None, allow_None=True, doc="time.time() when the job was submitted.")
+    job_elapsed_s = param.Number(default=0.0, bounds=(0, None))
+
+    displayed_run_id = param.String(default=None, allow_None=True, doc="The run the views show (None: none).")
+    compare_a = param.String(default=None, allow_None=True, doc="A run id or 'reference'.")
+    compare_b = param.String(default=None, allow_None=True, doc="A run id or 'reference'.")
+    show_reference = param.Boolean(default=False, doc="The viewer shows the case's shipped reference dose.")
+    runs_version = param.Integer(default=0, doc="Bumped whenever the list of runs of this case may have changed.")
+
+    visible_structures = param.List(default=[], item_type=str)
+    structure_colors = param.Dict(default={})
+
+    slice_index = param.Integer(default=0, bounds=(0, None), doc="CT z index shown in the axial viewer.")
+    show_dose = param.Boolean(default=True)
+    show_contours = param.Boolean(default=True)
+    dose_threshold_pct = param.Number(default=10.0, bounds=(0, 150),
+                                      doc="% of Rx below which the dose wash is transparent.")
+    dose_opacity = param.Number(default=0.5, bounds=(0, 1))
+    isodose_levels_pct = param.List(default=[50.0, 80.0, 95.0, 100.0, 105.0], item_type=(int, float))
+    ct_window = param.Number(default=1400.0, bounds=(1, 5000), doc="CT display window width in HU.")
+    ct_level = param.Number(default=-300.0, bounds=(-1500, 3000), doc="CT display window centre in HU.")
+
+    normalise = param.Boolean(default=False, doc="Rescale plans so normalise_coverage_pct % of PTV gets Rx.")
+    normalise_coverage_pct = param.Number(default=95.0, bounds=(50, 100), step=0.5)
+
+    reoptimise = param.Event(doc="Submit config as a new job (blocked while config_error is set).")
+    cancel_job = param.Event()
+    load_reference = param.Event(doc="Show the case's reference dose.")
+
+    loading = param.Boolean(default=False)
+    notice = param.String(default="", doc="A message for the planner (e.g. why the reference cannot be shown).")
+
+    def __init__(self, **params: Any) -> None:
+        ids = cases.list_case_ids()
+        self.param.case_id.objects = ids
+        params.setdefault("case_id", _initial_case_id())
+        super().__init__(**params)
+        self._on_case_change()
+
+    # ---------------------------------------------------------------------------------------------- case
+
+    @param.depends("case_id", watch=True)
+    def _on_case_change(self) -> None:
+        """New case: defaults, colours, latest finished run and PTV slice, set in one batch."""
+        cid = self.case_id
+        info = cases.case_info(cid) if cid else None
+        structures = list(info.structure_names) if info else []
+        updates: dict[str, Any] = dict(  # noqa: C408 - parameter names as keywords
+            config=default_config(cid) if cid else None,
+            config_error="",
+            config_error_field="",
+            displayed_run_id=latest_finished_run(cid) if cid else None,
+            compare_a=None,
+            compare_b=None,
+            show_reference=False,
+            visible_structures=[s for s in structures if is_main_structure(s)],
+            structure_colors={s: structure_colour(s) for s in structures},
+            slice_index=ptv_centre_slice(info) if info else 0,
+            runs_version=self.runs_version + 1,
+            config_revision=self.config_revision + 1,
+            notice="",
+            loading=False,
+        )
+        self._reference_future = None
+        if info is not None:
+            self.param.slice_index.bounds = (0, max(info.ct_shape_zyx[0] - 1, 0))
+        with param.edit_constant(self):
+            self.param.update(case=info, **updates)
+
+    # ---------------------------------------------------------------------------------------------- config
+
+    def set_config(self, cfg: RunConfig) -> bool:
+        """Validate ``cfg`` against the case and store it; invalid input sets config_error (the config is kept
+        so the editor shows what was typed). Returns True when valid."""
+        try:
+            validate_config(cfg, self.case)
+        except ConfigError as e:
+            self.param.update(config=cfg, config_error=str(e), config_error_field=e.field)
+            return False
+        self.param.update(config=cfg, config_error="", config_error_field="")
+        return True
+
+    def replace_config(self, cfg: RunConfig) -> bool:
+        """Set a whole new config (loaded file, reset) and have the editors rebuild from it."""
+        ok = self.set_config(cfg)
+        self.config_revision += 1
+        return ok
+
+    def reset_config(self) -> None:
+        if self.case_id:
+            self.replace_config(default_config(self.case_id))
+
+    # ---------------------------------------------------------------------------------------------- jobs
+
+    @param.depends("reoptimise", watch=True)
+    def _on_reoptimise(self) -> None:
+        self.submit()
+
+    def submit(self) -> str | None:
+        """Submit the current config as a job; None (and nothing submitted) when the config is invalid."""
+        if self.config is None:
+            self.config_error = "config: no case selected"
+            return None
+        if self.config_error:
+            return None
+        if self.job_active:
+            return None
+        try:
+            cfg = validate_config(self.config, self.case)
+        except ConfigError as e:
+            self.param.update(config_error=str(e), config_error_field=e.field)
+            return None
+        job_id = job_client().submit(cfg)
+        self.param.update(job_id=job_id, job_status="queued", job_progress={}, job_error="",
+                          job_started_at=time.time(), job_elapsed_s=0.0)
+        return job_id
+
+    @param.depends("cancel_job", watch=True)
+    def _on_cancel(self) -> None:
+        if self.job_id and self.job_status not in TERMINAL_STATUSES:
+            job_client().cancel(self.job_id)
+            self.poll_job()
+
+    def poll_job(self) -> str:
+        """Read the job's status and progress once (the page calls this periodically). When the job has
+        finished with a run, that run becomes the displayed run. Returns the status."""
+        if not self.job_id:
+            return self.job_status
+        client = job_client()
+        try:
+            record = client.status(self.job_id)
+            progress = client.progress(self.job_id) or {}
+        except (JobError, OSError) as e:  # a vanished ledger entry must not kill the page's poller
+            log.warning("polling job %s failed: %s", self.job_id, e)
+            return self.job_status
+        status = str(getattr(record, "status", "") or progress.get("status", ""))
+        updates: dict[str, Any] = {}
+        if progress != self.job_progress:
+            updates["job_progress"] = progress
+        if status != self.job_status:
+            updates["job_status"] = status
+        # The worker's own start/finish times (0 while queued): queueing is not optimisation time.
+        elapsed = float(getattr(record, "elapsed_s", None) or 0.0)
+        if abs(elapsed - self.job_elapsed_s) >= 0.5 or (status in TERMINAL_STATUSES and elapsed != self.job_elapsed_s):
+            updates["job_elapsed_s"] = max(elapsed, 0.0)
+        if status in TERMINAL_STATUSES:
+            err = getattr(record, "error", None)
+            if err:
+                updates["job_error"] = str(err).strip().splitlines()[-1][:500] if str(err).strip() else ""
+            run_id = getattr(record, "run_id", None)
+            if run_id and run_id != self.displayed_run_id and record_case(record) in (None, self.case_id):
+                updates["displayed_run_id"] = run_id
+                updates["show_reference"] = False
+            if status != self.job_status or run_id:
+                updates["runs_version"] = self.runs_version + 1
+        if updates:
+            self.param.update(**updates)
+        return status
+
+    @property
+    def job_active(self) -> bool:
+        return bool(self.job_id) and self.job_status not in TERMINAL_STATUSES
+
+    # ---------------------------------------------------------------------------------------------- reference
+
+    @param.depends("load_reference", watch=True)
+    def _on_load_reference(self) -> None:
+        """Evaluate the reference plan off the event loop; ``poll`` shows it once ready."""
+        if self.case is None:
+            return
+        if not self.case.has_reference_dose:
+            self.notice = f"Case {self.case_id} ships no reference dose."
+            return
+        if (self.case_id, REFERENCE) in _PLAN_CACHE:
+            self.param.update(show_reference=True, notice="")
+            return
+        self.param.update(loading=True, notice="Loading the reference plan…")
+        self._reference_future = _executor().submit(plan_data, self.case_id, REFERENCE)
+        self._reference_case = self.case_id
+
+    def _check_reference(self) -> None:
+        fut = self._reference_future
+        if fut is None or not fut.done():
+            return
+        self._reference_future = None
+        if self._reference_case != self.case_id:
+            return
+        try:
+            data = fut.result()
+        except Exception as e:  # noqa: BLE001 - whatever stops the evaluation is the planner's message
+            self.param.update(loading=False, notice=f"Reference plan unavailable: {e}")
+            return
+        if data is None:
+            self.param.update(loading=False, notice="Reference plan unavailable.")
+        else:
+            self.param.update(loading=False, show_reference=True, notice="", runs_version=self.runs_version + 1)
+
+    def poll(self) -> None:
+        """One tick of the page's periodic callback: the job, and background loads, sent to the browser as one
+        batch of changes."""
+        from panel.io import hold
+
+        with hold():
+            self._check_reference()
+            self.poll_job()
+
+    @property
+    def shown_plan_id(self) -> str | None:
+        """The plan the DVH, criteria and viewer show: the reference when asked for, else the displayed run."""
+        return REFERENCE if self.show_reference else self.displayed_run_id
+
+    # ---------------------------------------------------------------------------------------------- links
+
+    def open_from_url(self, args: dict[str, list[bytes]] | None) -> None:
+        """Follow a link from another page: ``?run=<id>`` displays that run (switching to its case),
+        ``?compare_a=<id|reference>&compare_b=…`` preselects a comparison. Unknown ids leave a notice."""
+        def arg(name: str) -> str | None:
+            values = (args or {}).get(name) or []
+            raw = values[0] if values else None
+            return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else raw
+
+        run, a, b = arg("run"), arg("compare_a"), arg("compare_b")
+        wanted = [r for r in (run, a, b) if r]
+        if not wanted:
+            return
+        cases_of = {}
+        for rid in wanted:
+            if rid == REFERENCE:
+                continue
+            meta = _run_metadata(rid)
+            if meta is None:
+                self.notice = f"No run {rid[:40]!r} in this data directory."
+                return
+            cases_of[rid] = meta.get("case_id")
+        target = next((c for c in cases_of.values() if c), None)
+        if target and target != self.case_id:
+            if target not in self.param.case_id.objects:
+                self.notice = f"The linked run belongs to case {target!r}, which is not available here."
+                return
+            self.case_id = target
+        if any(c not in (None, self.case_id) for c in cases_of.values()):
+            self.notice = "The linked runs belong to different cases; only runs of one case can be compared."
+            return
+        updates: dict[str, Any] = {}
+        if run:
+            updates.update(displayed_run_id=run, show_reference=False)
+        if a or b:
+            updates.update(compare_a=a, compare_b=b)
+        self.param.update(**updates)
+
+    # ---------------------------------------------------------------------------------------------- runs
+
+    def case_runs(self) -> pd.DataFrame:
+        """Runs of the current case, newest first (empty when there are none)."""
+        if not self.case_id:
+            return pd.DataFrame()
+        return runs_of_case(self.case_id)
+
+    def normalisation_scale(self, plan_id: str | None) -> float:
+        """The dose factor that gives the plan normalise_coverage_pct % PTV coverage at Rx; 1 when off."""
+        if not self.normalise or plan_id is None or not self.case_id:
+            return 1.0
+        data = plan_data(self.case_id, plan_id)
+        if data is None:
+            return 1.0
+        return normalisation_factor(data, self.normalise_coverage_pct)
+
+    def normalisation_label(self) -> str:
+        return f"normalised to PTV V100 = {self.normalise_coverage_pct:g}%" if self.normalise else ""
+
+
+_EXECUTOR = None
+
+
+def _executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmat-plan-loader")
+    return _EXECUTOR
+
+
+def record_case(record) -> str | None:
+    cfg = getattr(record, "config", None)
+    if isinstance(cfg, dict):
+        return cfg.get("case_id")
+    return getattr(record, "case_id", None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading plans: runs and the reference plan, cached by (case_id, plan id)
+
+
+def runs_of_case(case_id: str) -> pd.DataFrame:
+    store = run_store()
+    try:
+        return store.list_runs("case_id = ?", params=[case_id], order_by="created_at DESC")
+    except (ValueError, OSError) as e:  # an empty store has no columns to filter on yet
+        log.debug("listing runs failed: %s", e)
+        return pd.DataFrame()
+
+
+def _run_metadata(run_id: str) -> dict | None:
+    from vmat_core.store import is_run_id
+
+    if not is_run_id(run_id):
+        return None
+    try:
+        return run_store().read_metadata(run_id)
+    except READ_ERRORS:
+        return None
+
+
+def latest_finished_run(case_id: str) -> str | None:
+    df = runs_of_case(case_id)
+    if df.empty or "run_id" not in df:
+        return None
+    if "status" in df:
+        ok = df[~df["status"].astype(str).str.lower().isin(("error", "no_solution", "infeasible"))]
+        df = ok if not ok.empty else df
+    return str(df["run_id"].iloc[0])
+
+
+def ptv_centre_slice(info: CaseInfo) -> int:
+    """The z index at the centre of the PTV (middle of the CT when no mask can be read)."""
+    nz = info.ct_shape_zyx[0]
+    try:
+        from vmat_core import imaging
+
+        target = next((s for s in info.structure_names if s.upper() == "PTV"), None)
+        target = target or next((s for s in info.structure_names if s.upper().startswith(("PTV", "GTV"))), None)
+        if target:
+            mask = imaging.structure_masks(info.case_id, [target])[target]
+            zs = np.flatnonzero(mask.any(axis=(1, 2)))
+            if zs.size:
+                return round((zs[0] + zs[-1]) / 2)
+    except (ValueError, KeyError, OSError) as e:  # an unreadable mask: the CT centre is a fair default
+        log.debug("PTV centre slice unavailable: %s", e)
+    return nz // 2
+
+
+READ_ERRORS = (KeyError, ValueError, OSError, CorruptRun)
+_PLAN_CACHE: dict[tuple[str, str], dict] = {}
+_PLAN_CACHE_MAX = 24
+
+
+def plan_data(case_id: str, plan_id: str) -> dict | None:
+    """Tables of a run or of the reference plan: {'dvh', 'metrics', 'criteria', 'metadata', 'prescription_gy',
+    'label'}; None when unavailable. Cached per (case_id, plan_id): finished runs never change."""
+    key = (case_id, plan_id)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if plan_id == REFERENCE:
+        from vmat_core import runner
+
+        ref = runner.reference_plan(case_id)
+        data = {
+            "dvh": ref["dvh"],
+            "metrics": ref["metrics"],
+            "criteria": ref["criteria"],
+            "metadata": {"status": "reference"},
+            "prescription_gy": float(ref["prescription_gy"]),
+            "label": "Reference plan",
+        }
+    else:
+        store = run_store()
+        try:
+            meta = store.read_metadata(plan_id)
+        except READ_ERRORS as e:
+            log.warning("run %s unreadable: %s", plan_id, e)
+            return None
+        if meta.get("case_id") not in (None, case_id):
+            return None
+        tables = {}
+        for name in ("dvh", "metrics", "criteria"):
+            try:
+                tables[name] = store.read_table(plan_id, name)
+            except READ_ERRORS as e:
+                log.warning("run %s has no %s table: %s", plan_id, name, e)
+                tables[name] = pd.DataFrame()
+        pres = meta.get("prescription_gy")
+        if pres is None:
+            try:
+                pres = store.read_config(plan_id).get("prescription_gy")
+            except READ_ERRORS:
+                pres = None
+        data = {**tables, "metadata": meta, "prescription_gy": float(pres) if pres else float("nan"),
+                "label": run_label(meta, with_badge=False)}
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = data
+    return data
+
+
+def normalisation_factor(data: dict, coverage_pct: float) -> float:
+    from vmat_core.evaluation import coverage_scale
+
+    try:
+        return float(coverage_scale(data["dvh"], data["prescription_gy"], coverage_pct))
+    except (ValueError, KeyError) as e:
+        log.info("normalisation unavailable: %s", e)
+        return 1.0
+
+
+_STOP_REASONS = {"time_limit": "time limit", "gap_limit": "gap limit", "cancelled": "cancelled"}
+
+
+def gap_badge_text(meta: dict) -> str:
+    """'optimal', 'gap 12.3 % (time limit)' … from a run's metadata."""
+    if not meta:
+        return ""
+    status = str(meta.get("status", "") or "").lower()
+    if status == "reference":
+        return "reference plan"
+    if status == "optimal":
+        return "optimal"
+    gap = meta.get("gap")
+    why = _STOP_REASONS.get(status, status.replace("_", " "))
+    if gap is None or not _finite(gap):
+        return why or "gap unknown"
+    return f"gap {100 * float(gap):.1f} %" + (f" ({why})" if why else "")
+
+
+def _finite(v) -> bool:
+    try:
+        return bool(np.isfinite(float(v)))
+    except (TypeError, ValueError):
+        return False
+
+
+def run_label(meta: dict, with_badge: bool = True) -> str:
+    """'2026-11-26 17:11 · 3 beams · HIGHS · gap 2.1 % (time limit)' (the badge part only when asked)."""
+    rid = str(meta.get("run_id", "?"))
+    when = str(meta.get("created_at", ""))[:16].replace("T", " ")
+    nb = meta.get("n_beams")
+    parts = [when or rid[:12]]
+    if nb:
+        parts.append(f"{nb} beams")
+    solver = meta.get("solver")
+    if solver:
+        parts.append(str(solver))
+    badge = gap_badge_text(meta) if with_badge else ""
+    if badge:
+        parts.append(badge)
+    return " · ".join(parts)

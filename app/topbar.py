@@ -1,0 +1,197 @@
+"""Top bar: case, solver availability, job status with timer, config save/load, Re-optimise and Cancel."""
+
+from __future__ import annotations
+
+import html
+import io
+
+import panel as pn
+import param
+
+from app import theme
+from app.state import TERMINAL_STATUSES, PlanState
+from vmat_core.config import ConfigError, RunConfig, validate_config
+
+
+def solver_summary() -> tuple[str, str]:
+    """(short label, explanation) of the solver an 'auto' run would use, computed once per process."""
+    key = "vmat_solver_summary"
+    if key in pn.state.cache:
+        return pn.state.cache[key]
+    try:
+        from vmat_core import solvers
+        from vmat_core.config import SolverSettings
+        from vmat_core.warmstart import choose_mip_solver
+
+        status = solvers.solver_status()
+        plan = choose_mip_solver(SolverSettings())  # what a run with solver "auto" will use, and why
+        choice = plan.choice
+        lines = []
+        for name, st in status.items():
+            if not st.get("installed"):
+                state = "not installed"
+            elif not st.get("licensed"):
+                state = "installed, no licence"
+            else:
+                state = "licensed" if name == "MOSEK" else "available"
+            detail = str(st.get("detail") or "")
+            lines.append(f"{name}: {state}" + (f" ({detail})" if detail else ""))
+        names = {"HIGHS": "HiGHS", "SCIP": "SCIP", "MOSEK": "MOSEK"}
+        label = f"Solver: {names.get(choice.name, choice.name)}"
+        mosek = status.get("MOSEK", {})
+        if choice.name.upper() == "MOSEK":
+            label += " (licensed)"
+        elif mosek.get("installed") and not mosek.get("licensed"):
+            label += " · MOSEK unlicensed"
+        explanation = f"{plan.reason}\n" + "\n".join(lines)
+    except Exception as e:  # noqa: BLE001 - the page stays usable; a run reports its own solver error
+        label, explanation = "Solver: unknown", f"solver status unavailable: {e}"
+    pn.state.cache[key] = (label, explanation)
+    return label, explanation
+
+
+def _format_elapsed(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60:d}:{s % 60:02d}"
+
+
+class TopBar(pn.viewable.Viewer):
+    state = param.ClassSelector(class_=PlanState)
+
+    def _job_html(self, job_id, job_status, elapsed_s, progress, job_error, notice):
+        parts = []
+        if job_id:
+            status = job_status or "submitted"
+            latest = (progress or {}).get("latest") or {}
+            phase = latest.get("phase")
+            kind = (
+                "fail" if status in ("failed", "error", "lost")
+                else "optimal" if status == "done"
+                else "run"
+            )
+            text = f"Job {status}"
+            if phase and status not in TERMINAL_STATUSES:
+                text += f" · {phase}"
+            text += f" · {_format_elapsed(elapsed_s or 0.0)}"
+            parts.append(theme.badge(text, kind))
+            if job_error:
+                parts.append(f'<span class="err">{job_error}</span>')
+        else:
+            parts.append('<span class="muted">No job running</span>')
+        if notice:
+            parts.append(f'<span class="muted">{notice}</span>')
+        return " ".join(parts)
+
+    def _save_config(self) -> io.StringIO:
+        cfg = self.state.config
+        return io.StringIO(cfg.to_json() if cfg is not None else "{}")
+
+    def _on_file(self, event) -> None:
+        data = event.new
+        if not data:
+            return
+        try:
+            cfg = RunConfig.from_json(data)
+            if cfg.case_id != self.state.case_id:
+                if cfg.case_id not in self.state.param.case_id.objects:
+                    raise ConfigError("case_id", f"config is for case {cfg.case_id!r}, which is not available")
+                self.state.case_id = cfg.case_id
+            cfg = validate_config(cfg, self.state.case)
+        except ConfigError as e:
+            self._load_error.object = f"Load config — {e}"
+            self._load_error.visible = True
+            return
+        self._load_error.visible = False
+        self.state.replace_config(cfg)
+
+    def __panel__(self):
+        state = self.state
+        case_select = pn.widgets.Select.from_param(state.param.case_id, label="", width=230, margin=(10, 10))
+        label, explanation = solver_summary()
+        solver = pn.pane.HTML(
+            f'<span class="badge badge-ref" title="{html.escape(explanation)}">{html.escape(label)} ⓘ</span>',
+            stylesheets=[theme.BADGE_CSS],
+            width=230,
+            margin=(16, 4),
+            css_classes=["solver-status"],
+        )
+        job = pn.pane.HTML(
+            pn.bind(
+                self._job_html,
+                state.param.job_id,
+                state.param.job_status,
+                state.param.job_elapsed_s,
+                state.param.job_progress,
+                state.param.job_error,
+                state.param.notice,
+            ),
+            stylesheets=[theme.BADGE_CSS],
+            margin=(16, 4),
+            min_width=260,
+            css_classes=["job-status"],
+        )
+        save = pn.widgets.FileDownload(
+            callback=self._save_config,
+            filename=f"{state.case_id or 'vmat'}_config.json",
+            label="Save config",
+            color="light",
+            width=110,
+            margin=(10, 4),
+        )
+
+        def _filename(case_id):
+            save.filename = f"{case_id or 'vmat'}_config.json"
+
+        state.param.watch(lambda e: _filename(e.new), "case_id")
+        upload = pn.widgets.FileInput(accept=".json", multiple=False, width=200, margin=(14, 4),
+                                      description="Load a saved config (JSON)")
+        upload.param.watch(self._on_file, "value")
+        self._load_error = pn.pane.Alert("", alert_type="danger", visible=False, margin=(4, 10))
+
+        reopt = pn.widgets.Button.from_param(
+            state.param.reoptimise,
+            label="Re-optimise",
+            color="primary",
+            width=120,
+            margin=(10, 4),
+            css_classes=["reoptimise"],
+            disabled=pn.bind(
+                lambda err, status, cfg: bool(err) or cfg is None or status in ("queued", "running", "cancelling"),
+                state.param.config_error,
+                state.param.job_status,
+                state.param.config,
+            ),
+        )
+        cancel = pn.widgets.Button.from_param(
+            state.param.cancel_job,
+            label="Cancel",
+            color="danger",
+            width=80,
+            margin=(10, 4),
+            disabled=pn.bind(
+                lambda job_id, status: not job_id or status in TERMINAL_STATUSES,
+                state.param.job_id,
+                state.param.job_status,
+            ),
+        )
+        blocked = pn.pane.HTML(
+            pn.bind(
+                lambda err: f'<span title="{err}">⚠ fix the config to submit</span>' if err else "",
+                state.param.config_error,
+            ),
+            styles={"color": "#B3261E", "font-size": "12px"},
+            margin=(18, 4),
+        )
+        # Wraps onto two lines when the window is narrow rather than hiding the action buttons.
+        bar = pn.FlexBox(
+            pn.Row(case_select, solver, job, margin=0),
+            pn.Row(blocked, save, upload, reopt, cancel, margin=0),
+            flex_wrap="wrap",
+            justify_content="space-between",
+            align_items="center",
+            sizing_mode="stretch_width",
+            styles={"background": "white", "border": f"1px solid {theme.BORDER}",
+                    "border-bottom": f"3px solid {theme.ACCENT_LIGHT}", "border-radius": "6px"},
+            css_classes=["topbar"],
+        )
+        return pn.Column(bar, self._load_error, sizing_mode="stretch_width")
