@@ -437,6 +437,10 @@ INVALID = [
     ("case-id-path", _set("case_id", "../etc"), False, "case_id", "not a valid case id"),
     ("case-id-other-case", _set("case_id", "Lung_Patient_6"), True, "case_id", "Lung_Synth_Patient_1"),
     ("warm-start-path", _set("warm_start_run_id", "../runs/x"), False, "warm_start_run_id", "not a valid run id"),
+    ("warm-start-unknown", _set("solver.warm_start", "greedy"), False, "solver.warm_start", "auto, heuristic, none"),
+    ("heuristic-time-zero", _set("solver.heuristic_time_s", 0), False, "solver.heuristic_time_s", "(0, time_limit_s"),
+    ("heuristic-time-too-long", _set("solver.heuristic_time_s", 500.0), False, "solver.heuristic_time_s",
+     "time_limit_s = 120"),
     ("label-number", _set("label", 3), False, "label", "must be a string"),
     ("unknown-top-field", _set("colour", "red"), False, "colour", "unknown field"),
     ("objectives-dict", _set("objectives", {"PTV": 1}), False, "objectives", "list of objective rows"),
@@ -853,3 +857,12 @@ def test_default_config_on_the_synthetic_case(portpy_dir, clinical_criteria):
     assert lungs - volume_cc["GTV"] - 1.0 <= volume_cc["LUNGS_NOT_GTV"] <= lungs
     rind_0 = structs.get_structure_mask_3d("RIND_0").astype(bool)
     assert not (rind_0 & structs.get_structure_mask_3d("PTV").astype(bool)).any()
+
+
+def test_warm_start_strategy_defaults_to_auto_and_round_trips_through_overrides(cfg):
+    assert cfg.solver.warm_start == "auto" and cfg.solver.heuristic_time_s is None
+    edited = apply_overrides(cfg, ["solver.warm_start=none", "solver.heuristic_time_s=12.5"])
+    assert (edited.solver.warm_start, edited.solver.heuristic_time_s) == ("none", 12.5)
+    again = RunConfig.from_dict(edited.to_dict())
+    assert again.solver.warm_start == "none" and again.solver.heuristic_time_s == 12.5
+    assert again.content_hash() == edited.content_hash() != cfg.content_hash()

@@ -171,8 +171,6 @@ def test_filter_the_history_and_open_a_run_in_the_plan_page(served, history_data
     _shot(page, "history_03_opened_in_plan")
 
 
-@pytest.mark.xfail(strict=True, reason="the Plan page does not read its ?run= query parameter yet (PlanState sets "
-                                       "displayed_run_id from the case's newest run); remove this mark once it does")
 def test_the_plan_page_shows_the_run_named_in_its_url(served, history_data) -> None:
     page, _msgs, port = served
     _, real_id, _newer_id = history_data

@@ -40,6 +40,8 @@ DOSE_OBJECTIVE_TYPES = ("quadratic-overdose", "quadratic-underdose", "linear-ove
 CONSTRAINT_TYPES = ("max_dose", "mean_dose")
 ROLES = ("target", "oar", "rind", "other")
 SOLVER_NAMES = ("auto", "MOSEK", "HIGHS", "SCIP")
+# Where the MIP search starts: "auto" is the previous run when warm_start_run_id is set, else the heuristic plan.
+WARM_START_STRATEGIES = ("auto", "heuristic", "none")
 
 DEFAULT_BEAM_IDS = tuple(range(0, 72, 11))
 DEFAULT_VOXEL_DOWN_SAMPLE_FACTORS = (6, 6, 1)
@@ -165,6 +167,8 @@ class SolverSettings:
     mip_gap: float = 1e-4
     threads: int | None = None
     options: dict[str, int | float | str | bool] = field(default_factory=dict)
+    warm_start: str = "auto"  # one of WARM_START_STRATEGIES
+    heuristic_time_s: float | None = None  # seconds of the time limit for the start heuristic; None: automatic
 
 
 @dataclass(kw_only=True)
@@ -363,6 +367,8 @@ _SOLVER_SPEC: dict[str, tuple[Any, bool]] = {
     "mip_gap": (_p_float, False),
     "threads": (_optional(_p_int), False),
     "options": (_p_options, False),
+    "warm_start": (_p_str, False),
+    "heuristic_time_s": (_optional(_p_float), False),
 }
 _RUN_SPEC: dict[str, tuple[Any, bool]] = {
     "case_id": (_p_str, True),
@@ -381,7 +387,7 @@ _RUN_SPEC: dict[str, tuple[Any, bool]] = {
 }
 _FLOAT_FIELDS = frozenset({
     "weight", "dose_gy", "dose_perc", "limit_dose_gy", "limit_dose_perc", "time_limit_s", "mip_gap", "mu_bound",
-    "prescription_gy",
+    "prescription_gy", "heuristic_time_s",
 })
 
 
@@ -789,6 +795,12 @@ def _check_values(cfg: RunConfig, case: CaseInfo | None) -> None:
     if s.threads is not None and not 1 <= s.threads <= MAX_THREADS:
         raise ConfigError("solver.threads", f"{_safe_repr(s.threads)} outside the allowed range 1..{MAX_THREADS} "
                                             f"(or null for the solver's default)")
+    if s.warm_start not in WARM_START_STRATEGIES:
+        raise ConfigError("solver.warm_start", f"unknown strategy {_safe_repr(s.warm_start)}; allowed: "
+                                               f"{', '.join(WARM_START_STRATEGIES)}")
+    if s.heuristic_time_s is not None and not 0 < s.heuristic_time_s < s.time_limit_s:
+        raise ConfigError("solver.heuristic_time_s", f"{s.heuristic_time_s:g} s outside the allowed range "
+                                                     f"(0, time_limit_s = {s.time_limit_s:g}) s (or null: automatic)")
 
     if cfg.prescription_gy <= 0:
         raise ConfigError("prescription_gy", f"{cfg.prescription_gy:g} Gy must be > 0")
@@ -1025,7 +1037,8 @@ _TOP_FIELDS = {
     "prescription_gy": "float",
     "num_fractions": "int",
 }
-_SOLVER_FIELDS = {"solver": "str", "time_limit_s": "float", "mip_gap": "float", "threads": "optint"}
+_SOLVER_FIELDS = {"solver": "str", "time_limit_s": "float", "mip_gap": "float", "threads": "optint",
+                  "warm_start": "str", "heuristic_time_s": "optfloat"}
 _OBJECTIVE_FIELDS = {
     "weight": "float",
     "dose_gy": "optfloat",

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from vmat_core import __version__, cases, paths
-from vmat_core.config import RunConfig, to_portpy_opt_params, validate_config
+from vmat_core.config import ConfigError, RunConfig, to_portpy_opt_params, validate_config
 from vmat_core.evaluation import evaluate_plan, is_target
 
 log = logging.getLogger(__name__)
@@ -212,19 +212,29 @@ def run_vmat_global_optimal(
 ) -> RunResult:
     """Run the notebook's VMAT global-optimal plan for ``config`` and write it to the run store.
 
-    Invalid configs raise ``ConfigError`` before anything is loaded or written.
+    Invalid configs raise ``ConfigError`` before anything is loaded or written. The solver starts from a checked
+    deliverable plan (``config.solver.warm_start``, see ``vmat_core.warmstart``): run ``warm_start_run_id`` when
+    set (refused unless it has the same case, beams, down-sampling and MU bound), else the aperture heuristic;
+    its time counts against ``time_limit_s``. ``warm_start`` (model variable name -> values) overrides both.
     """
     import portpy.photon as pp
 
-    from vmat_core import solvers
+    from vmat_core import solvers, warmstart
     from vmat_core.model import build_vmat_mip
     from vmat_core.store import RunStore, new_run_id
 
     cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
     case = cases.case_info(cfg.case_id, portpy_dir)
     validate_config(cfg, case)
-    choice = solvers.choose_solver(cfg.solver.solver)
+    solver_plan = warmstart.choose_mip_solver(cfg.solver)
+    choice = solver_plan.choice
     store = store or RunStore()
+    previous_arrays = None
+    if warm_start is None and cfg.warm_start_run_id is not None and cfg.solver.warm_start != "none":
+        try:
+            previous_arrays = warmstart.load_previous_run(cfg, cfg.warm_start_run_id, store)
+        except warmstart.WarmStartError as exc:
+            raise ConfigError("warm_start_run_id", str(exc).removeprefix("warm_start_run_id: ")) from exc
     emit = on_progress or (lambda event: None)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -254,7 +264,6 @@ def run_vmat_global_optimal(
         opt = pp.Optimization(plan, opt_params=opt_params)
         model = build_vmat_mip(opt, opt_params, num_fractions, cfg.mu_bound)
     timings["build"] = time.perf_counter() - t
-    phase("solve", solver=choice.name, reason=choice.reason, **model.size, n_voxels=int(inf_db.A.shape[0]))
 
     def progress(p) -> None:
         phase("solve", incumbent=p.incumbent, bound=p.bound, gap=p.gap, nodes=p.nodes, solver_elapsed_s=p.elapsed_s)
@@ -266,21 +275,50 @@ def run_vmat_global_optimal(
         if on_log:
             on_log(line)
 
-    start_values = None
+    # The start's search counts against the planner's time limit: the solver gets what is left.
+    t = time.perf_counter()
+    start_values, start = None, None
+    start_label = "none"
+    heuristic_s = warmstart.heuristic_time_s(cfg.solver)
     if warm_start:
-        start_values = {getattr(model, k): np.asarray(v) for k, v in warm_start.items() if hasattr(model, k)}
+        # Keys are the model's variable names: x, z, lbi, rbi, mu and any slack (e.g. slack_PTV_quadratic-overdose).
+        by_name = {v.name(): v for v in model.problem.variables()}
+        start_values = {by_name[k]: np.asarray(v) for k, v in warm_start.items() if k in by_name}
+        start_label = "caller"
+    elif previous_arrays is not None:
+        phase("warm_start", source="previous_run")
+        try:
+            start = warmstart.previous_run_start(model, previous_arrays, polish_s=heuristic_s,
+                                                 threads=cfg.solver.threads, should_stop=should_stop)
+        except warmstart.WarmStartError as exc:
+            raise ConfigError("warm_start_run_id", str(exc).removeprefix("warm_start_run_id: ")) from exc
+    elif cfg.solver.warm_start in ("auto", "heuristic"):
+        phase("warm_start", source="heuristic")
+        try:
+            start = warmstart.heuristic_start(
+                model, inf_db, time_budget_s=heuristic_s, threads=cfg.solver.threads, should_stop=should_stop,
+                on_improve=lambda s, v: phase("warm_start", incumbent=v, solver_elapsed_s=s))
+        except warmstart.WarmStartError as exc:
+            log.warning("no heuristic start: %s", exc)
+            if on_log:
+                on_log(f"no heuristic start: {exc}")
+    if start is not None:
+        start_values, start_label = start.values, start.source
+    timings["warm_start"] = time.perf_counter() - t
+    solver_time_s = max(cfg.solver.time_limit_s - timings["warm_start"], min(1.0, cfg.solver.time_limit_s))
+    phase("solve", solver=choice.name, reason=solver_plan.reason, **model.size, n_voxels=int(inf_db.A.shape[0]))
     t = time.perf_counter()
     result = solvers.solve_mip(
         model.problem,
-        solver=cfg.solver.solver,
-        time_limit_s=cfg.solver.time_limit_s,
+        solver=choice.name,
+        time_limit_s=solver_time_s,
         mip_gap=cfg.solver.mip_gap,
         threads=cfg.solver.threads,
         on_progress=progress,
         on_log=on_solver_log,
         should_stop=should_stop,
         warm_start=start_values,
-        solver_options=dict(cfg.solver.options or {}),
+        solver_options=solver_plan.options,
     )
     timings["solve"] = time.perf_counter() - t
     if not result.has_solution:
@@ -303,6 +341,12 @@ def run_vmat_global_optimal(
     run_id = new_run_id(cfg.content_hash(), created_at)
     metadata = _run_metadata(cfg, case, choice, result, model, inf_db, ev, timings, created_at, prescription_gy,
                              prepared.cache_hit)
+    metadata["solver_reason"] = solver_plan.reason
+    metadata["warm_start"] = start_label
+    metadata["warm_start_objective"] = (result.warm_start_objective if result.warm_start_objective is not None
+                                        else (start.objective if start is not None else None))
+    metadata["warm_start_accepted"] = result.warm_start_accepted
+    metadata["warm_start_time_s"] = float(timings["warm_start"])
     trace = pd.DataFrame(
         [
             {"elapsed_s": p.elapsed_s, "incumbent": p.incumbent, "bound": p.bound, "gap": p.gap, "nodes": p.nodes}
