@@ -136,6 +136,10 @@ class PlanState(param.Parameterized):
     cancel_job = param.Event()
     load_reference = param.Event(doc="Show the case's reference dose.")
 
+    full_dose = param.Event(doc="Queue the full-resolution dose reconstruction of the displayed run.")
+    full_dose_status = param.String(default="", doc="Full-resolution dose of displayed_run_id: '' (not asked), "
+                                                    "'pending', 'ready' or 'failed: <reason>'.")
+
     loading = param.Boolean(default=False)
     notice = param.String(default="", doc="A message for the planner (e.g. why the reference cannot be shown).")
 
@@ -312,6 +316,56 @@ class PlanState(param.Parameterized):
         with hold():
             self._check_reference()
             self.poll_job()
+            self.poll_full_dose()
+
+    # ---------------------------------------------------------------------------------- full-resolution dose
+    # The optimisation and its views use the down-sampled matrix (the notebook's own evaluation). Recomputing the
+    # dose on every dose voxel and original beamlet takes tens of seconds (the full case must be loaded), so it is
+    # a job of its own, asked for on demand; the run shows "pending" until it lands in the dose cache.
+
+    @param.depends("displayed_run_id", watch=True)
+    def _on_displayed_run(self) -> None:
+        self._full_dose_job = None
+        self.full_dose_status = "ready" if self._full_dose_cached(self.displayed_run_id) else ""
+
+    @staticmethod
+    def _full_dose_cached(run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        from vmat_core import runner
+
+        try:
+            return runner.full_dose_path(run_id, run_store()).is_file()
+        except READ_ERRORS:
+            return False
+
+    @param.depends("full_dose", watch=True)
+    def _on_full_dose(self) -> None:
+        run_id = self.displayed_run_id
+        if not run_id or self.full_dose_status in ("pending", "ready"):
+            return
+        if self._full_dose_cached(run_id):
+            self.full_dose_status = "ready"
+            return
+        try:
+            self._full_dose_job = job_client().submit_dose(run_id)
+        except Exception as e:  # noqa: BLE001 - shown to the planner instead of breaking the page
+            self.full_dose_status = f"failed: {e}"
+            return
+        self.full_dose_status = "pending"
+
+    def poll_full_dose(self) -> str:
+        """Follow the dose job of the displayed run; returns the new status."""
+        job = getattr(self, "_full_dose_job", None)
+        if self.full_dose_status != "pending" or not job:
+            return self.full_dose_status
+        rec = job_client().status(job)
+        if rec.status == "done":
+            self.full_dose_status = "ready"
+        elif rec.status in ("failed", "lost", "cancelled"):
+            reason = (rec.error or rec.status).strip().splitlines()
+            self.full_dose_status = f"failed: {reason[-1] if reason else rec.status}"
+        return self.full_dose_status
 
     @property
     def shown_plan_id(self) -> str | None:

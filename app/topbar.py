@@ -182,10 +182,25 @@ class TopBar(pn.viewable.Viewer):
             styles={"color": "#B3261E", "font-size": "12px"},
             margin=(18, 4),
         )
+        full_dose = pn.widgets.Button.from_param(
+            state.param.full_dose,
+            label="Full-resolution dose",
+            color="light",
+            width=150,
+            margin=(10, 4),
+            description="Recompute the displayed run's dose on every dose voxel and original beamlet (a background "
+                        "job); the views show the optimisation grid's dose meanwhile",
+            disabled=pn.bind(lambda run, st: not run or st in ("pending", "ready"),
+                             state.param.displayed_run_id, state.param.full_dose_status),
+        )
+        full_dose_badge = pn.pane.HTML(
+            pn.bind(_full_dose_html, state.param.full_dose_status),
+            stylesheets=[theme.BADGE_CSS], margin=(16, 4), css_classes=["full-dose-status"],
+        )
         # Wraps onto two lines when the window is narrow rather than hiding the action buttons.
         bar = pn.FlexBox(
             pn.Row(case_select, solver, job, margin=0),
-            pn.Row(blocked, save, upload, reopt, cancel, margin=0),
+            pn.Row(blocked, full_dose_badge, full_dose, save, upload, reopt, cancel, margin=0),
             flex_wrap="wrap",
             justify_content="space-between",
             align_items="center",
@@ -195,3 +210,13 @@ class TopBar(pn.viewable.Viewer):
             css_classes=["topbar"],
         )
         return pn.Column(bar, self._load_error, sizing_mode="stretch_width")
+
+
+def _full_dose_html(status: str) -> str:
+    if not status:
+        return ""
+    if status == "pending":
+        return theme.badge("full-resolution dose pending", "gap")
+    if status == "ready":
+        return theme.badge("full-resolution dose ready", "optimal")
+    return f'<span title="{html.escape(status)}">{theme.badge("full-resolution dose failed", "fail")}</span>'

@@ -151,6 +151,29 @@ def test_job_completion_becomes_the_displayed_run(finished_run):
     assert "gap" in header or "optimal" in header
 
 
+def test_full_resolution_dose_is_pending_until_its_job_lands(finished_run):
+    from vmat_core import runner
+
+    state, run_id, _ = finished_run
+    state.displayed_run_id = run_id
+    assert state.full_dose_status == ""
+    state.param.trigger("full_dose")
+    assert state.full_dose_status == "pending"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while state.poll_full_dose() == "pending":
+        assert time.monotonic() < deadline, "full-resolution dose still pending"
+        time.sleep(0.5)
+    assert state.full_dose_status == "ready", state.full_dose_status
+    full = runner.reconstruct_full_dose(run_id)  # now a cache read
+    assert state.displayed_run_id == run_id
+    assert full["dose_3d_gy"].shape == state.case.ct_shape_zyx
+    assert {"PTV", "CORD"} <= set(full["dvh"]["structure"])
+    # a second request is answered from the cache, no new job
+    state.displayed_run_id = None
+    state.displayed_run_id = run_id
+    assert state.full_dose_status == "ready"
+
+
 def test_new_case_defaults(two_cases):
     from app.state import PlanState
     from vmat_core import imaging
