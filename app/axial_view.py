@@ -55,6 +55,7 @@ _ISODOSE_STOPS = (
 )
 # Bokeh's RdBu runs from blue to red, so low (B < A) is blue and high (B > A) red.
 DIFF_PALETTE = tuple(interp_palette(RdBu11, 255))
+_TYPICAL_WIDTH_PX, _DECORATION_W_PX, _DECORATION_H_PX = 600, 130, 120
 MAX_ISODOSE_LEVELS = 12
 ISODOSE_PCT_RANGE = (1.0, 200.0)
 
@@ -336,7 +337,7 @@ class AxialViewer(pn.viewable.Viewer):
 
         fig = figure(
             tools="pan,box_zoom,reset,save", toolbar_location="above", match_aspect=True, aspect_scale=1,
-            sizing_mode="stretch_width", height=520, min_width=320, x_axis_label="x (mm)",
+            sizing_mode="scale_width", aspect_ratio=1.3, min_width=320, x_axis_label="x (mm)",
             y_axis_label="y (mm)", background_fill_color="black", border_fill_color="white",
             output_backend="canvas",
         )
@@ -344,8 +345,12 @@ class AxialViewer(pn.viewable.Viewer):
         fig.toolbar.logo = None
         ct = fig.image(image="hu", x="x", y="y", dw="dw", dh="dh", source=self._image_source,
                        color_mapper=self._ct_mapper, level="image")
+        # The plan dose and the difference map are two glyphs over the same column, each with its own colour
+        # mapper: BokehJS does not re-colour an image whose glyph is given another mapper.
         dose = fig.image(image="dose", x="x", y="y", dw="dw", dh="dh", source=self._image_source,
                          color_mapper=self._dose_mapper, level="image", global_alpha=0.5)
+        diff = fig.image(image="dose", x="x", y="y", dw="dw", dh="dh", source=self._image_source,
+                         color_mapper=self._diff_mapper, level="image", global_alpha=0.5, visible=False)
         contours = fig.multi_line(xs="xs", ys="ys", line_color="color", line_width="width", line_alpha=0.95,
                                   source=self._contour_source)
         iso = fig.multi_line(xs="xs", ys="ys", line_color="color", line_width=2, line_alpha=1.0,
@@ -360,8 +365,12 @@ class AxialViewer(pn.viewable.Viewer):
         fig.add_tools(self._hover)
         self._colorbar = ColorBar(color_mapper=self._dose_mapper, title="Gy", width=10, padding=4,
                                   label_standoff=4, visible=False)
+        self._diff_colorbar = ColorBar(color_mapper=self._diff_mapper, title="Δ Gy (B − A)", width=10, padding=4,
+                                       label_standoff=4, visible=False)
         fig.add_layout(self._colorbar, "right")
-        self._fig, self._ct_r, self._dose_r, self._contour_r, self._iso_r = fig, ct, dose, contours, iso
+        fig.add_layout(self._diff_colorbar, "right")
+        self._fig, self._ct_r, self._contour_r, self._iso_r = fig, ct, contours, iso
+        self._dose_r, self._diff_r = dose, diff
 
     @staticmethod
     def _tooltips(difference: bool) -> list[tuple[str, str]]:
@@ -442,10 +451,12 @@ class AxialViewer(pn.viewable.Viewer):
                     self.param.show_isodose, self.param.status),
             sizing_mode="stretch_width", margin=(0, 5),
         )
-        self._plot = pn.pane.Bokeh(self._fig, sizing_mode="stretch_width", min_height=480)
-        self._plot.loading = self.dose_loading
-        self.param.watch(lambda e: setattr(self._plot, "loading", e.new), ["dose_loading"])
-        scroller = SliceScroller(self.step_slice, object=self._plot, sizing_mode="stretch_width")
+        plot = pn.pane.Bokeh(self._fig, sizing_mode="scale_width")
+        scroller = SliceScroller(self.step_slice, object=plot, sizing_mode="stretch_width",
+                                 loading=self.dose_loading)
+        # The spinner goes on the wrapper: toggling `loading` on a Bokeh pane inside a themed template makes
+        # Panel copy the figure's stylesheet objects into the pane's string-only `stylesheets` (TypeError).
+        self.param.watch(lambda e: setattr(scroller, "loading", e.new), ["dose_loading"])
         return pn.Column(
             status,
             pn.Row(prev, slider, nxt, sizing_mode="stretch_width"),
@@ -477,8 +488,8 @@ class AxialViewer(pn.viewable.Viewer):
 
     @staticmethod
     def _status_html(status: str, loading: bool) -> str:
-        text = ("⏳ " if loading else "") + html.escape(status or "")
-        return f'<div style="font-size:13px;color:{ACCENT};min-height:18px">{text}</div>'
+        style = f"font-size:13px;color:{MUTED if loading else ACCENT};min-height:18px"
+        return f'<div style="{style}">{html.escape(status or "")}</div>'
 
     def _legend_html(self, visible, colours, levels, show_contours, show_dose, show_isodose, _status) -> str:
         items = []
@@ -590,6 +601,10 @@ class AxialViewer(pn.viewable.Viewer):
             return
         self._hu, self._geom = imaging.ct_volume(cid)
         x0, y0, x1, y1 = self._geom.extent_xy_mm()
+        # The figure scales with the column's width; its aspect ratio is the slice's, corrected for the axes,
+        # title and colour bar around the frame (sized for a ~600 px wide figure), so little space is wasted.
+        frame_w = _TYPICAL_WIDTH_PX - _DECORATION_W_PX
+        _set(self._fig, aspect_ratio=_TYPICAL_WIDTH_PX / (frame_w * (y1 - y0) / (x1 - x0) + _DECORATION_H_PX))
         self._image_source.data = {
             "hu": [np.zeros((1, 1), dtype=np.int16)], "dose": [np.full((1, 1), np.nan, np.float32)],
             "x": [x0], "y": [y0], "dw": [x1 - x0], "dh": [y1 - y0],
@@ -726,17 +741,16 @@ class AxialViewer(pn.viewable.Viewer):
         if difference:
             m = max(self._dose.max_abs_gy, 0.5)
             _set(self._diff_mapper, low=-m, high=m)
-            _set(self._dose_r.glyph, color_mapper=self._diff_mapper)
-            _set(self._colorbar, color_mapper=self._diff_mapper, title="Δ Gy (B − A)")
         elif has_dose:
             _set(self._dose_mapper, low=threshold_gy, high=max(self._dose.max_gy, threshold_gy + 1e-3))
-            _set(self._dose_r.glyph, color_mapper=self._dose_mapper)
-            _set(self._colorbar, color_mapper=self._dose_mapper, title="Gy")
         wash = bool(s.show_dose and self.show_wash and has_dose)
-        _set(self._dose_r.glyph, global_alpha=float(s.dose_opacity))
-        _set(self._dose_r, visible=wash)
+        for r in (self._dose_r, self._diff_r):
+            _set(r.glyph, global_alpha=float(s.dose_opacity))
+        _set(self._dose_r, visible=wash and not difference)
+        _set(self._diff_r, visible=wash and difference)
         # a threshold above the plan's maximum leaves nothing to colour, so no colour bar either
-        _set(self._colorbar, visible=wash and (difference or threshold_gy < self._dose.max_gy))
+        _set(self._colorbar, visible=wash and not difference and threshold_gy < self._dose.max_gy)
+        _set(self._diff_colorbar, visible=wash and difference)
         if self._shown.extras.get("tooltips") != difference:
             self._hover.tooltips = self._tooltips(difference)
             self._shown.extras["tooltips"] = difference

@@ -148,7 +148,7 @@ def test_plan_page_end_to_end(served_app):
 
     # the reference dose
     page.locator("button", has_text="Load prior plan dose").first.click()
-    expect(page.locator(".dvh-header")).to_contain_text("Reference plan", timeout=60_000)
+    expect(page.locator(".dvh-header")).to_contain_text("Reference plan", timeout=180_000)
     expect(page.locator(".criteria-header")).to_contain_text("Reference plan")
     _shot(page, "plan_04_reference")
 

@@ -158,7 +158,8 @@ def test_difference_map_is_b_minus_a(viewer, real_runs):
     expected[np.maximum(a, b) < 0.1 * RX_GY] = np.nan
     np.testing.assert_allclose(_dose_of(viewer), expected, atol=1e-5)
     assert np.nanmax(_dose_of(viewer)) > 5  # B is hotter where the extra blob is
-    mapper = viewer._dose_r.glyph.color_mapper
+    assert viewer._diff_r.visible and not viewer._dose_r.visible
+    mapper = viewer._diff_r.glyph.color_mapper
     assert mapper.low == pytest.approx(-mapper.high)  # centred at 0
     hottest, coldest = mapper.palette[-1], mapper.palette[0]
     assert int(hottest[1:3], 16) > int(hottest[5:7], 16)  # B > A is red
@@ -297,6 +298,19 @@ def _coloured_fraction(png: bytes) -> float:
     return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean())
 
 
+def _hue_fraction(png: bytes, hue: str) -> float:
+    """Share of pixels (left of the colour bar) where red, or blue, clearly dominates."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    rgb = rgb[:, : int(rgb.shape[1] * 0.85)]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hit = (r > b + 40) & (r > g + 25) if hue == "red" else (b > r + 40) & (b > g + 10)
+    return float(hit.mean())
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs the system Chromium")
 def test_viewer_in_browser_slider_moves_the_slice(page, real_case, real_runs):
     import panel as pn
@@ -310,7 +324,7 @@ def test_viewer_in_browser_slider_moves_the_slice(page, real_case, real_runs):
     def app():
         state = PlanState(case_id=real_case)
         state.param.update(displayed_run_id=real_runs["a"], slice_index=real_runs["ptv_z"])
-        held["viewer"], held["doc"] = AxialViewer(state=state), pn.state.curdoc
+        held["viewer"], held["doc"], held["runs"] = AxialViewer(state=state), pn.state.curdoc, real_runs
         return pn.Column(held["viewer"], width=760)
 
     server_id = uuid.uuid4().hex
@@ -374,6 +388,12 @@ def _drive_viewer(page, held) -> None:
         (ARTIFACTS / "axial_view_no_wash.png").write_bytes(_canvas_png(page))
     in_session(lambda v: v.state.param.update(dose_threshold_pct=10.0))
     wait_until(lambda: _coloured_fraction(_canvas_png(page)) > 0.01, page)
+
+    # the difference map B − A (B is hotter): red wash, no blue
+    in_session(lambda v: (v.state.param.update(compare_a=held["runs"]["a"], compare_b=held["runs"]["b"]),
+                          v.param.update(show_difference=True)))
+    wait_until(lambda: _hue_fraction(_canvas_png(page), "red") > 0.01, page)
+    assert _hue_fraction(_canvas_png(page), "blue") < 0.001
     in_session(lambda v: (v.param.update(show_isodose=True), v.state.param.update(show_contours=True)))
     expect(slider_value).to_have_text(str(z0))
-    page.screenshot(path=str(ARTIFACTS / "axial_view_threshold.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "axial_view_difference.png"), full_page=True)

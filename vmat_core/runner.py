@@ -264,6 +264,7 @@ def run_vmat_global_optimal(
         opt = pp.Optimization(plan, opt_params=opt_params)
         model = build_vmat_mip(opt, opt_params, num_fractions, cfg.mu_bound)
     timings["build"] = time.perf_counter() - t
+    phase("solve", solver=choice.name, reason=solver_plan.reason, **model.size, n_voxels=int(inf_db.A.shape[0]))
 
     def progress(p) -> None:
         phase("solve", incumbent=p.incumbent, bound=p.bound, gap=p.gap, nodes=p.nodes, solver_elapsed_s=p.elapsed_s)
@@ -275,7 +276,8 @@ def run_vmat_global_optimal(
         if on_log:
             on_log(line)
 
-    # The start's search counts against the planner's time limit: the solver gets what is left.
+    # The start's search is part of the solve phase (its events carry stage="warm_start") and counts against the
+    # planner's time limit: the solver gets what is left.
     t = time.perf_counter()
     start_values, start = None, None
     start_label = "none"
@@ -286,18 +288,19 @@ def run_vmat_global_optimal(
         start_values = {by_name[k]: np.asarray(v) for k, v in warm_start.items() if k in by_name}
         start_label = "caller"
     elif previous_arrays is not None:
-        phase("warm_start", source="previous_run")
+        phase("solve", stage="warm_start", source="previous_run")
         try:
             start = warmstart.previous_run_start(model, previous_arrays, polish_s=heuristic_s,
                                                  threads=cfg.solver.threads, should_stop=should_stop)
         except warmstart.WarmStartError as exc:
             raise ConfigError("warm_start_run_id", str(exc).removeprefix("warm_start_run_id: ")) from exc
     elif cfg.solver.warm_start in ("auto", "heuristic"):
-        phase("warm_start", source="heuristic")
+        phase("solve", stage="warm_start", source="heuristic")
         try:
             start = warmstart.heuristic_start(
                 model, inf_db, time_budget_s=heuristic_s, threads=cfg.solver.threads, should_stop=should_stop,
-                on_improve=lambda s, v: phase("warm_start", incumbent=v, solver_elapsed_s=s))
+                on_improve=lambda s, v: phase("solve", stage="warm_start", incumbent=v, bound=None, gap=None,
+                                              solver_elapsed_s=s))
         except warmstart.WarmStartError as exc:
             log.warning("no heuristic start: %s", exc)
             if on_log:
@@ -306,7 +309,9 @@ def run_vmat_global_optimal(
         start_values, start_label = start.values, start.source
     timings["warm_start"] = time.perf_counter() - t
     solver_time_s = max(cfg.solver.time_limit_s - timings["warm_start"], min(1.0, cfg.solver.time_limit_s))
-    phase("solve", solver=choice.name, reason=solver_plan.reason, **model.size, n_voxels=int(inf_db.A.shape[0]))
+    if start is not None:
+        # The solver starts from this plan; a start that is already optimal may get no solver callback at all.
+        phase("solve", incumbent=start.objective, bound=None, gap=None, nodes=0, solver_elapsed_s=0.0)
     t = time.perf_counter()
     result = solvers.solve_mip(
         model.problem,
@@ -321,6 +326,9 @@ def run_vmat_global_optimal(
         solver_options=solver_plan.options,
     )
     timings["solve"] = time.perf_counter() - t
+    if result.has_solution:
+        phase("solve", incumbent=result.objective, bound=result.bound, gap=result.gap, nodes=result.trace[-1].nodes,
+              solver_elapsed_s=result.solve_time_s)
     if not result.has_solution:
         if result.status == "cancelled":
             raise RunCancelled("cancelled before the solver found a deliverable plan")
