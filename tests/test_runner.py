@@ -97,7 +97,8 @@ def test_runner_matches_the_notebook_formulation_at_gap_zero(portpy_dir) -> None
     res = run_vmat_global_optimal(cfg, store=RunStore())
     md = res.metadata
     assert md["status"] == "optimal", md
-    assert md["solver"] == "HIGHS" and "licen" in md["solver_reason"].lower()
+    # auto: the measured portfolio's choice, and the reason says MOSEK has no licence here
+    assert md["solver"] in ("HIGHS", "SCIP") and "licen" in md["solver_reason"].lower()
     expected = notebook_objective(cfg)
     assert md["objective"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert md["gap"] == pytest.approx(0.0, abs=1e-4)
@@ -119,11 +120,16 @@ def test_run_folder_is_complete_and_deliverable(portpy_dir) -> None:
     assert (crit["structure"] == "PTV").any()
     progress = store.read_table(res.run_id, "progress")
     assert len(progress) >= 1
-    assert "HiGHS" in store.read_text(res.run_id, "solver")
+    log = store.read_text(res.run_id, "solver")
+    assert ("HiGHS" in log) if md_solver(store, res.run_id) == "HIGHS" else ("SCIP" in log or "primal bound" in log)
     md = store.read_metadata(res.run_id)
     for k in ("t_load_s", "t_downsample_s", "t_build_s", "t_solve_s", "t_postprocess_s", "schema_version"):
         assert k in md
     assert json.loads(json.dumps(store.read_config(res.run_id)))["beam_ids"] == [12, 30]
+
+
+def md_solver(store, run_id: str) -> str:
+    return store.read_metadata(run_id)["solver"]
 
 
 def test_raising_the_cord_weight_lowers_cord_dose(portpy_dir) -> None:
@@ -176,7 +182,7 @@ def test_cli_run_and_runs(portpy_dir, session_data_dir) -> None:
            "voxel_down_sample_factors=12,12,2", "--time-limit", "20", "--gap", "0.01"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "HIGHS" in out.stdout and "criteria" in out.stdout
+    assert ("HIGHS" in out.stdout or "SCIP" in out.stdout) and "criteria" in out.stdout
     assert "solve" in out.stderr  # progress lines while solving
     run_id = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("run "))
     listed = subprocess.run([sys.executable, "-m", "vmat_core.cli", "runs", "--where", "n_beams = 2"],

@@ -9,6 +9,7 @@ plain dicts so that worker processes can forward it to the job ledger unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -326,6 +327,16 @@ def run_vmat_global_optimal(
         solver_options=solver_plan.options,
     )
     timings["solve"] = time.perf_counter() - t
+    if not result.has_solution and result.status == "cancelled" and start is not None:
+        # Stopped before the solver had a plan of its own: the start is a checked deliverable plan, already shown
+        # to the planner as the incumbent, so the run keeps it.
+        for var, value in start.values.items():
+            var.value = np.asarray(value, dtype=float).reshape(var.shape)
+        gap = solvers.relative_gap(start.objective, result.bound)
+        result = dataclasses.replace(
+            result, has_solution=True, objective=start.objective, gap=gap,
+            trace=[solvers.ProgressPoint(0.0, start.objective, result.bound, gap, 0)],
+            message=f"{result.message}; the run keeps its {start.source} start plan")
     if result.has_solution:
         phase("solve", incumbent=result.objective, bound=result.bound, gap=result.gap, nodes=result.trace[-1].nodes,
               solver_elapsed_s=result.solve_time_s)
