@@ -15,6 +15,7 @@ from app.dvh_view import DVHView
 from app.history_page import nav_html
 from app.live_view import LiveView
 from app.objectives_panel import ObjectivesPanel
+from app.prescription_view import PrescriptionView
 from app.state import PlanState
 from app.topbar import TopBar
 
@@ -52,7 +53,7 @@ def build_page(state=None):
         header_background=theme.ACCENT,
         background_color=theme.BACKGROUND,
         header=[pn.pane.HTML(nav_html("Plan"), margin=(6, 10))],
-        sidebar=[ObjectivesPanel(state=state)],
+        sidebar=[PrescriptionView(state=state), ObjectivesPanel(state=state)],
         sidebar_width=440,
         main=[
             TopBar(state=state),

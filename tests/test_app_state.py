@@ -340,3 +340,24 @@ def test_links_from_other_pages_open_the_run_and_comparison(finished_run):
     before = (state.case_id, state.displayed_run_id)
     state.open_from_url({"run": [b"../../etc/passwd"]})
     assert "No run" in state.notice and (state.case_id, state.displayed_run_id) == before
+
+
+def test_prescription_pane_and_offline_fetch(two_cases):
+    from app.prescription_view import PrescriptionView, prescription_html
+    from app.state import PlanState
+    from vmat_core import cases
+
+    state = PlanState(case_id=CASE_ID)
+    text = prescription_html(state.config)
+    assert "60 Gy in 30 fractions" in text and "Lung_2Gy_30Fx" in text
+    view = PrescriptionView(state=state, patient_id="Lung_Patient_6")
+    view.__panel__()
+    before = set(cases.list_case_ids())
+    view.param.trigger("fetch")
+    deadline = time.monotonic() + 60
+    while not view.fetch_message.startswith(("Fetch failed", "Lung_Patient_6 is ready")):
+        assert time.monotonic() < deadline, view.fetch_message
+        time.sleep(0.2)
+    # no hub here: a clear failure, and no half-downloaded case appears
+    assert view.fetch_message.startswith("Fetch failed"), view.fetch_message
+    assert set(cases.list_case_ids()) == before
