@@ -22,16 +22,6 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 JOB_TIMEOUT_MS = 150_000
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return {
-        **browser_type_launch_args,
-        "executable_path": shutil.which("chromium"),
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"],
-    }
-
-
 @pytest.fixture()
 def served_app(page, case_dir):
     import panel as pn

@@ -269,16 +269,6 @@ def test_run_of_another_case_is_refused(real_case, real_runs, monkeypatch):
 # --------------------------------------------------------------------------------------------- in a browser
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return {
-        **browser_type_launch_args,
-        "executable_path": shutil.which("chromium"),
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"],
-    }
-
-
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 

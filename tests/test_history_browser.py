@@ -28,16 +28,6 @@ JOB_TIMEOUT_MS = 150_000
 N_OTHER = 120  # rows of another case, so the grid has pages and the filter something to remove
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return {
-        **browser_type_launch_args,
-        "executable_path": shutil.which("chromium"),
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"],
-    }
-
-
 @pytest.fixture(scope="module")
 def history_data(tmp_path_factory, case_dir):
     """A data directory of its own: one real run, a newer run of the same case with three beams (so the Plan
