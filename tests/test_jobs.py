@@ -212,6 +212,32 @@ def test_cancel_queued_and_running_and_reattach(client, worker_pids, shared):
     print(f"\ncancel of a running 7-beam solve: cancelled in {took:.1f} s")
 
 
+def test_two_jobs_run_in_parallel_on_two_workers(client, worker_pids):
+    """Both workers of the module are idle again: two different jobs submitted together run side by side."""
+    ids = {worker_id_of(client, pid) for pid in worker_pids}
+    assert len(ids) == 2
+    wait_for(lambda: all(w["state"] == "idle" for w in client.workers() if w["id"] in ids), 30,
+             "both workers to be idle")
+    a = client.submit(config(*TINY, "solver.time_limit_s=24", "mu_bound=2.4"))
+    b = client.submit(config(*TINY, "solver.time_limit_s=25", "mu_bound=2.6"))
+    assert a != b
+    both_running = wait_for(
+        lambda: (ra := client.status(a)).status == "running" and (rb := client.status(b)).status == "running"
+        and (ra, rb), 60, "both jobs to be running at once")
+    assert {r.worker_id for r in both_running} == ids
+    assert len({r.solver_pid for r in both_running}) == 2 and all(pid_alive(r.solver_pid) for r in both_running)
+    runs = [client.result(j, timeout_s=150) for j in (a, b)]
+    ra, rb = client.status(a), client.status(b)
+    assert ra.status == rb.status == "done" and ra.worker_id != rb.worker_id
+    # Their running intervals overlap: each started before the other finished.
+    assert max(ra.started_at, rb.started_at) < min(ra.finished_at, rb.finished_at)
+    store = RunStore()
+    assert all(store.exists(r) for r in runs) and runs[0] != runs[1]
+    assert store.read_metadata(runs[0])["mu_bound"] != store.read_metadata(runs[1])["mu_bound"]
+    overlap = min(ra.finished_at, rb.finished_at) - max(ra.started_at, rb.started_at)
+    print(f"\ntwo jobs on two workers: ran side by side for {overlap:.1f} s")
+
+
 def test_killed_worker_makes_its_job_lost_and_others_go_on(client, worker_pids):
     pid = start_embedded_workers(3)[0]
     worker_pids.append(pid)
@@ -271,32 +297,43 @@ def test_cli_lists_jobs(client, capsys):
     assert any(" idle " in line or " busy " in line for line in out.splitlines()[2:])
 
 
-def test_dask_backend_runs_a_job_on_a_pinned_worker(data_root):
+def test_dask_backend_runs_jobs_on_any_and_on_a_named_worker(data_root):
     from distributed import LocalCluster
 
     t0 = time.monotonic()
-    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address=None) as cluster:
         dask_client = get_job_client(scheduler=cluster.scheduler_address)
         assert dask_client.backend == "dask" and get_job_client(scheduler=cluster.scheduler_address) is dask_client
-        workers = dask_client.workers()
-        assert len(workers) == 1 and workers[0]["state"] == "idle"
-        address = workers[0]["id"]
+        workers = wait_for(lambda: len(w := dask_client.workers()) == 2 and w, 30, "two Dask workers")
+        assert {w["state"] for w in workers} == {"idle"}
+        by_name = {w["name"]: w["id"] for w in workers}
+        named = sorted(by_name)[-1]
         with pytest.raises(ValueError, match="worker"):
             dask_client.submit(config(*TINY), worker="tcp://127.0.0.1:1")
-        cfg = config(*TINY, "solver.time_limit_s=23")
-        job_id = dask_client.submit(cfg, worker=address)
-        assert dask_client.submit(cfg) == job_id
-        run_id = dask_client.result(job_id, timeout_s=150)
-        rec = dask_client.status(job_id)
-        assert rec.backend == "dask" and rec.status == "done" and rec.worker_id == address
-        assert RunStore().exists(run_id)
-        phases = {e["phase"] for e in dask_client.progress(job_id)["events"]}
-        assert {"load", "build", "solve", "done"} <= phases
-        assert solve_point(dask_client, job_id) is not None
-        # The ledger is the same one the embedded backend uses: any client sees the Dask job.
+        # One job for any worker, one for the worker called by its Dask name; both at once.
+        cfg_any = config(*TINY, "solver.time_limit_s=23")
+        cfg_named = config(*TINY, "solver.time_limit_s=23", "mu_bound=2.7")
+        any_id = dask_client.submit(cfg_any)
+        named_id = dask_client.submit(cfg_named, worker=named)
+        assert dask_client.submit(cfg_any) == any_id
+        assert dask_client.status(named_id).target_worker == by_name[named]
+        run_ids = {j: dask_client.result(j, timeout_s=180) for j in (any_id, named_id)}
+        for job_id, run_id in run_ids.items():
+            rec = dask_client.status(job_id)
+            assert rec.backend == "dask" and rec.status == "done" and rec.run_id == run_id
+            # Every batch the task sent reached the ledger, its start included (a lost one leaves this None).
+            assert rec.created_at <= rec.started_at <= rec.finished_at
+            assert rec.worker_id in by_name.values()
+            assert RunStore().exists(run_id)
+            phases = {e["phase"] for e in dask_client.progress(job_id)["events"]}
+            assert {"load", "build", "solve", "done"} <= phases
+            assert solve_point(dask_client, job_id) is not None
+        assert dask_client.status(named_id).worker_id == by_name[named]
+        assert RunStore().read_metadata(run_ids[named_id])["mu_bound"] == pytest.approx(2.7)
+        # The ledger is the same one the embedded backend uses: any client sees the Dask jobs.
         other = Ledger()
-        assert other.get(job_id)["status"] == "done"
+        assert other.get(any_id)["status"] == other.get(named_id)["status"] == "done"
         other.close()
 
         # Cancel reaches the task through a Dask Event; the solve stops and keeps its incumbent.
@@ -309,7 +346,7 @@ def test_dask_backend_runs_a_job_on_a_pinned_worker(data_root):
         assert rec.run_id and RunStore().exists(rec.run_id)
         assert not pid_alive(solver_pid)
         dask_client.close()
-    print(f"\nDask: cluster up, tiny job done, cluster down in {time.monotonic() - t0:.1f} s")
+    print(f"\nDask: two workers up, two jobs done, one cancelled, cluster down in {time.monotonic() - t0:.1f} s")
 
 
 def test_lease_gives_each_job_to_exactly_one_worker(tmp_path):

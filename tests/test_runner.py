@@ -189,3 +189,41 @@ def test_cli_run_and_runs(portpy_dir, session_data_dir) -> None:
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert run_id in listed.stdout
+
+
+def test_prepared_case_cache_gives_back_the_same_case(portpy_dir, tmp_path, monkeypatch):
+    """A second run's set-up comes from the disk cache (a new worker process has only that) and is the same case:
+    identical structure masks (bits on disk, their own dtypes back), opt voxels and down-sampled matrix."""
+    import pickle
+    import zlib
+
+    from vmat_core import paths, runner
+
+    (tmp_path / "portpy").symlink_to(portpy_dir, target_is_directory=True)
+    monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(runner, "_MEMORY_CACHE", {})
+    cfg = tiny_config("beam_ids=6,24")
+    first = runner.prepare_case(cfg)
+    assert not first.cache_hit and first.downsample_s > 0
+    runner._MEMORY_CACHE.clear()
+    again = runner.prepare_case(cfg)
+    assert again.cache_hit and again is not first
+
+    names = first.structs.structures_dict["name"]
+    assert again.structs.structures_dict["name"] == names
+    for name, a, b in zip(names, first.structs.structures_dict["structure_mask_3d"],
+                          again.structs.structures_dict["structure_mask_3d"], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert np.array_equal(a, b), name
+    assert (first.inf_db.A != again.inf_db.A).nnz == 0
+    for name in names:
+        assert np.array_equal(first.inf_db.get_opt_voxels_idx(name), again.inf_db.get_opt_voxels_idx(name)), name
+    # The down-sampled matrix's own references point at the cached CT and structures, not at copies.
+    assert again.inf_db._structs is again.structs and again.inf_db._ct is again.ct
+
+    # On disk the masks are bits: the inflated entry is far smaller than the masks alone in memory.
+    with runner._prepared_cache() as cache:
+        raw = zlib.decompress(cache.get(runner.prepared_cache_key(cfg)))
+    mask_bytes = sum(m.nbytes for m in first.structs.structures_dict["structure_mask_3d"])
+    assert len(raw) < mask_bytes / 4
+    assert isinstance(pickle.loads(raw), tuple)

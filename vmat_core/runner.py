@@ -127,7 +127,7 @@ def prepared_cache_key(cfg: RunConfig, portpy_dir: Path | None = None) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-PREPARED_CACHE_VERSION = 1
+PREPARED_CACHE_VERSION = 2  # 2: structure masks stored as bits
 PREPARED_CACHE_SIZE_BYTES = 8 * 2**30
 _MEMORY_CACHE: dict[str, PreparedCase] = {}
 
@@ -137,6 +137,33 @@ def _prepared_cache():
 
     return diskcache.Cache(str(paths.cache_dir() / "prepared"), size_limit=PREPARED_CACHE_SIZE_BYTES,
                            eviction_policy="least-recently-used")
+
+
+def _unpack_mask(bits: np.ndarray, shape: tuple, dtype: str) -> np.ndarray:
+    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(dtype, copy=False)
+
+
+def _pickle_prepared(obj, structs) -> bytes:
+    """Pickle a prepared case with its 0/1 structure masks as bits.
+
+    PortPy keeps each mask as a full CT-sized array — uint8 for the case's structures, int64 for the
+    optimisation structures it derives (rinds, LUNGS_NOT_GTV) — so the masks made up ~90 % of a cache entry
+    (hundreds of MB to inflate on every cache hit). As bits they are 8–64× smaller and restore exactly."""
+    import io
+
+    masks = {id(m): m for m in structs.structures_dict.get("structure_mask_3d", [])
+             if isinstance(m, np.ndarray) and m.size and np.array_equal(m, m.astype(bool))}
+
+    class MaskPickler(pickle.Pickler):
+        def reducer_override(self, o):
+            m = masks.get(id(o))
+            if m is not None and o is m:
+                return _unpack_mask, (np.packbits(m.astype(bool, copy=False), axis=None), m.shape, m.dtype.str)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    MaskPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 def prepare_case(cfg: RunConfig, portpy_dir: Path | None = None, *, use_cache: bool = True) -> PreparedCase:
@@ -173,8 +200,8 @@ def prepare_case(cfg: RunConfig, portpy_dir: Path | None = None, *, use_cache: b
     prepared = PreparedCase(ct, structs, beams, inf_db, load_s=t1 - t0, downsample_s=t2 - t1)
     if use_cache:
         with contextlib.suppress(Exception), _prepared_cache() as cache:
-            # Structure masks dominate the pickle (hundreds of MB) and compress a hundredfold.
-            blob = zlib.compress(pickle.dumps((ct, structs, beams, inf_db), protocol=pickle.HIGHEST_PROTOCOL), 1)
+            # Structure masks dominate the pickle; they are stored as bits (see _pickle_prepared).
+            blob = zlib.compress(_pickle_prepared((ct, structs, beams, inf_db), structs), 1)
             cache.set(key, blob)
         _MEMORY_CACHE.clear()
         _MEMORY_CACHE[key] = prepared

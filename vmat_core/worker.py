@@ -142,7 +142,8 @@ def solve_child_main(msg_fd: int) -> int:
     try:
         result = execute_job(
             spec["kind"], spec["config"],
-            on_event=lambda ev: send({"type": "event", "event": ev}),
+            # The wall-clock stamp lets a reader measure how long a point took to reach it (bench_jobs).
+            on_event=lambda ev: send({"type": "event", "event": {**ev, "emitted_at": time.time()}}),
             on_log=lambda text: send({"type": "log", "line": str(text).rstrip("\n")}),
             should_stop=stop.is_set,
         )
@@ -235,7 +236,7 @@ class SolveProcess:
         on_event: Callable[[dict], None],
         on_log: Callable[[str], None],
         check: Callable[[], str | None],
-        tick_s: float = 0.5,
+        tick_s: float = 0.25,
         grace_s: float = CANCEL_GRACE_S,
     ) -> dict:
         """Run ``spec`` and return its result dict.
@@ -339,7 +340,7 @@ class EmbeddedWorker:
         max_jobs: int | None = None,
         idle_exit_s: float | None = None,
         jobs_root: Path | None = None,
-        poll_s: float = 0.5,
+        poll_s: float = 0.1,
         prestart: bool = True,
     ) -> None:
         if worker_id is not None and not _WORKER_ID_RE.match(worker_id):
@@ -506,30 +507,38 @@ class EmbeddedWorker:
 class _DaskPublisher:
     """Batches a task's messages into Dask events (one topic per job), with heartbeats."""
 
-    def __init__(self, worker, topic: str, every_s: float = 0.5) -> None:
+    def __init__(self, worker, topic: str, every_s: float = 0.25) -> None:
         self._worker = worker
         self._topic = topic
         self._every_s = every_s
         self._items: list[dict] = []
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # keeps sequence numbers in send order across both threads
         self._seq = 0
         self._closed = threading.Event()
         self._last_sent = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"publish-{topic}", daemon=True)
         self._thread.start()
 
-    def put(self, item: dict) -> None:
+    def put(self, item: dict, *, now: bool = False) -> None:
+        """Queue ``item``; ``now`` sends it at once (a job's start should not wait for the next batch)."""
         with self._lock:
             self._items.append(clean_value(item))
+        if now:
+            try:
+                self._flush()
+            except Exception:
+                log.exception("publishing progress on %s", self._topic)
 
     def _flush(self, force_heartbeat: bool = False) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        if not items and not force_heartbeat:
-            return
-        self._seq += 1
-        self._worker.log_event(self._topic, {"seq": self._seq, "items": items or [{"type": "hb"}]})
-        self._last_sent = time.monotonic()
+        with self._send_lock:
+            with self._lock:
+                items, self._items = self._items, []
+            if not items and not force_heartbeat:
+                return
+            self._seq += 1
+            self._worker.log_event(self._topic, {"seq": self._seq, "items": items or [{"type": "hb"}]})
+            self._last_sent = time.monotonic()
 
     def _loop(self) -> None:
         while not self._closed.wait(self._every_s):
@@ -555,7 +564,7 @@ def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = No
     client = get_client()
     pub = _DaskPublisher(worker, dask_topic(job_id))
     pub.put({"type": "started", "worker_id": worker.address, "host": hostname(), "pid": os.getpid(),
-             "at": time.time()})
+             "at": time.time()}, now=True)
     stop = threading.Event()
     finished = threading.Event()
 
@@ -574,8 +583,8 @@ def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = No
     if data_dir and Path(data_dir).is_dir():
         env[paths.DATA_DIR_ENV] = data_dir
     try:
-        proc = SolveProcess(env=env)
-        pub.put({"type": "pid", "pid": proc.pid})
+        proc = _take_dask_spare(env)
+        pub.put({"type": "pid", "pid": proc.pid}, now=True)
         result = proc.run(
             {"job_id": job_id, "kind": kind, "config": config},
             on_event=lambda ev: pub.put({"type": "event", "event": ev}),
@@ -588,7 +597,31 @@ def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = No
         finished.set()
     pub.put({"type": "result", **result})
     pub.close()
+    _leave_dask_spare(env)
     return result
+
+
+# A Dask worker keeps one warm solve process for its next task, as an embedded worker does: importing PortPy,
+# cvxpy and the solvers takes seconds that a planner would otherwise wait before the first progress point.
+_dask_spare: dict = {}
+_dask_spare_lock = threading.Lock()
+
+
+def _take_dask_spare(env: dict) -> SolveProcess:
+    with _dask_spare_lock:
+        proc, spare_env = _dask_spare.pop("proc", None), _dask_spare.pop("env", None)
+    if proc is not None and proc.alive() and spare_env == env:
+        return proc
+    if proc is not None:
+        proc.discard()
+    return SolveProcess(env=env)
+
+
+def _leave_dask_spare(env: dict) -> None:
+    """Start the next task's solve process (it exits by itself when this Dask worker goes away)."""
+    with contextlib.suppress(Exception), _dask_spare_lock:
+        if "proc" not in _dask_spare:
+            _dask_spare.update(proc=SolveProcess(env=env), env=env)
 
 
 # --------------------------------------------------------------------------------------------------------------
