@@ -199,6 +199,16 @@ def test_cancel_queued_and_running_and_reattach(client, worker_pids, shared):
     wait_for(lambda: fresh.status(long_id).last_heartbeat > time.time() - 2 * HEARTBEAT_INTERVAL_S, 10,
              "a fresh heartbeat")
     wait_for(lambda: len(fresh.progress(long_id)["events"]) > seen, 30, "more progress events")
+    # And a reader in a new process (the CLI, as after a server restart) sees the same jobs in the same states.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vmat_core.cli", "jobs", "--json", "--limit", "50"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    listed = {j["job_id"]: j for j in json.loads(out)}
+    assert listed[long_id]["status"] == "running" and listed[long_id]["worker_id"] == rec.worker_id
+    assert listed[queued]["status"] == listed[retried]["status"] == "cancelled"
+    assert set(listed) <= set(client.ledger.job_ids())
 
     t = time.monotonic()
     assert fresh.cancel(long_id).status == "cancelling"
