@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import socket
 import sys
@@ -142,7 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="another host name browsers use to reach this server (repeatable)")
     p.add_argument("--workers", type=int, default=1,
                    help="job workers to keep running on this machine (default 1)")
+    p.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
+                   help="send jobs to this Dask scheduler, e.g. tcp://10.0.0.5:8786 (or set $VMAT_DASK_SCHEDULER); "
+                        "no local worker is started then")
     a = p.parse_args(argv)
+    if a.dask_scheduler is not None:
+        if not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+", a.dask_scheduler):
+            p.error(f"--dask-scheduler: expected a Dask address like tcp://host:8786, got {a.dask_scheduler!r}")
+        from vmat_core import jobs
+
+        os.environ[jobs.SCHEDULER_ENV] = a.dask_scheduler
     if not 0 <= a.port <= 65535:
         p.error(f"--port: must be in [0, 65535], got {a.port}")
     if a.workers < 0:

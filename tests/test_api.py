@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from app import api
 from vmat_core import cases
 from vmat_core.config import ConfigError, RunConfig, default_config, validate_config
+from vmat_core.store import RunStore
 
 CASE = "Lung_Synth_Patient_1"
 TINY = {
@@ -574,3 +575,33 @@ def test_basic_auth_guards_pages_and_api(session_data_dir, case_dir, tmp_path):
             assert c.get("/").status_code == 200
     finally:
         srv.stop()
+
+
+def test_served_with_a_dask_scheduler_jobs_run_on_its_workers(session_data_dir, case_dir):
+    """`--dask-scheduler` sends the API's jobs to a real Dask cluster; the server starts no local worker."""
+    from distributed import LocalCluster
+
+    bad = subprocess.run([sys.executable, "-m", "app.server", "--dask-scheduler", "host:8786"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--dask-scheduler" in bad.stderr and "tcp://host:8786" in bad.stderr
+
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        env = {k: v for k, v in os.environ.items() if k != "VMAT_DASK_SCHEDULER"}
+        srv = Server("--dask-scheduler", cluster.scheduler_address, "--workers", "1", env=env)
+        try:
+            assert any("Dask scheduler " + cluster.scheduler_address in line for line in srv.lines)
+            assert srv.worker_pids == []
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                workers = strict_json(c.get("/api/workers"))
+                listed = workers["workers"]
+                assert workers["backend"] == "dask" and [w["backend"] for w in listed] == ["dask"]
+                reply = c.post("/api/jobs", json={**TINY, "overrides": TINY["overrides"] + ["label=via dask"]})
+                assert reply.status_code == 202, reply.text
+                final = wait_for_job(c, reply.headers["location"])
+            job = final["job"]
+            assert job["status"] == "done" and job["backend"] == "dask", job.get("error")
+            assert job["worker_id"] == listed[0]["id"]
+            assert RunStore().read_metadata(job["run_id"])["label"] == "via dask"
+        finally:
+            srv.stop()
