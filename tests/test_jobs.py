@@ -318,7 +318,7 @@ def test_dask_backend_runs_jobs_on_any_and_on_a_named_worker(data_root):
         workers = wait_for(lambda: len(w := dask_client.workers()) == 2 and w, 30, "two Dask workers")
         assert {w["state"] for w in workers} == {"idle"}
         by_name = {w["name"]: w["id"] for w in workers}
-        named = sorted(by_name)[-1]
+        named = max(by_name)
         with pytest.raises(ValueError, match="worker"):
             dask_client.submit(config(*TINY), worker="tcp://127.0.0.1:1")
         # One job for any worker, one for the worker called by its Dask name; both at once.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ def _set_data_dir(args: argparse.Namespace) -> None:
 def _table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True))
+
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
@@ -92,7 +96,7 @@ def _load_config(args: argparse.Namespace):
 
 
 def _fmt(v, spec: str = ".4g") -> str:
-    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def leaf_rows(inf_matrix, beam_ids: list) -> LeafRows:
             row_cols.append(n_cols)
             row_beam.append(i)
             g += 1
-    cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
+    cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     return LeafRows(
         beamlet=cat(beamlet),
         row=cat(row),
