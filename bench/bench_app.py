@@ -13,30 +13,26 @@ optimisations (2–3 beams, 10 s limit) into a temporary data directory.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+from _common import scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TARGET_MS = 500.0
 
 
-def _ensure_runs(case_id: str, n: int = 2) -> tuple[list[str], Path | None]:
-    from vmat_core import paths
+def _ensure_runs(case_id: str, scratch: ExitStack, n: int = 2) -> list[str]:
     from vmat_core.store import RunStore
 
     df = RunStore().list_runs("case_id = ?", params=[case_id], columns=["run_id"], limit=n)
     if len(df) >= n:
-        return [str(r) for r in df["run_id"]], None
-    real_portpy = paths.portpy_data_dir().resolve()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-app-"))
-    (tmp / "portpy").symlink_to(real_portpy, target_is_directory=True)
-    os.environ[paths.DATA_DIR_ENV] = str(tmp)
+        return [str(r) for r in df["run_id"]]
+    scratch.enter_context(scratch_data_dir("bench-app-"))
     from vmat_core.config import default_config
     from vmat_core.runner import run_vmat_global_optimal
 
@@ -48,7 +44,7 @@ def _ensure_runs(case_id: str, n: int = 2) -> tuple[list[str], Path | None]:
         cfg.solver.time_limit_s = 10.0
         print(f"  (creating a tiny run with beams {beams} …)", flush=True)
         ids.append(run_vmat_global_optimal(cfg).run_id)
-    return ids, tmp
+    return ids
 
 
 def _ms(fn) -> float:
@@ -76,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     pn.extension("tabulator")
     ensure_phantom()
     case_id = DEFAULT_CASE_ID
-    run_ids, tmp = _ensure_runs(case_id)
-    try:
+    with ExitStack() as scratch:
+        run_ids = _ensure_runs(case_id, scratch)
         state = PlanState(case_id=case_id)
         state.displayed_run_id = None
         page = pn.Column(DVHView(state=state), CriteriaView(state=state), LiveView(state=state))
@@ -165,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "meets" if dvh_cold <= TARGET_MS else "MISSES"
         print(f"\nDVH update at run completion (cold, median): {dvh_cold:.0f} ms — {verdict} the {TARGET_MS:.0f} ms "
               "target")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -7,11 +7,11 @@ matrix) computed from the case files versus read back from the diskcache. Prints
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _common import scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -21,15 +21,11 @@ def main() -> int:
     ap.add_argument("--beams", default="0,11,22,33,44,55,66")
     ap.add_argument("--factors", default="6,6,1")
     args = ap.parse_args()
+    with scratch_data_dir("vmat-bench-cache-", ensure_phantom=True) as tmp:
+        return _measure(args, tmp)
 
-    from vmat_core import paths
-    from vmat_core.phantom import ensure_phantom
 
-    portpy_dir = ensure_phantom(paths.portpy_data_dir()).parent
-    tmp = Path(tempfile.mkdtemp(prefix="vmat-bench-cache-"))
-    (tmp / "portpy").symlink_to(portpy_dir, target_is_directory=True)
-    os.environ[paths.DATA_DIR_ENV] = str(tmp)
-
+def _measure(args, tmp: Path) -> int:
     from vmat_core import runner
     from vmat_core.config import apply_overrides, default_config
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from _common import scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -101,11 +101,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-history-")) if args.root is None else None
-    root = args.root or tmp / "runs"
-    root.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, float, str]] = []
-    try:
+    with ExitStack() as scratch:
+        root = args.root or scratch.enter_context(scratch_data_dir("bench-history-", link_cases=False)) / "runs"
+        root.mkdir(parents=True, exist_ok=True)
         existing = sum(1 for p in root.iterdir() if store_mod.is_run_id(p.name))
         if existing < args.runs:
             n = args.runs - existing
@@ -158,9 +157,6 @@ def main() -> None:
         rows.append(("Bokeh: render the scatter figure (server side)", secs, ""))
         secs, _ = _median(lambda: hv.render(parameter_space_plot(df, "PTV_d95_gy", "objective", None, 5.0)), 3)
         rows.append(("Bokeh: objective axis with bound intervals, built + rendered", secs, ""))
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"History page benchmark: {args.runs} runs; target ≤ {TARGET_MS:.0f} ms per query; medians of "
           f"{args.repeat} warm calls unless marked first")

@@ -21,9 +21,10 @@ import contextlib
 import os
 import signal
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from _common import scratch_data_dir
 
 
 def timed(fn, n: int) -> list[float]:
@@ -159,8 +160,8 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=4, help="measured live jobs per backend (after one warm-up)")
     ap.add_argument("--no-dask", action="store_true", help="skip the Dask backend")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vmat-bench-jobs-") as tmp:
-        os.environ["VMAT_DATA_DIR"] = tmp
+    # No case linked here: further down, the repository's built case is linked, and its absence tolerated.
+    with scratch_data_dir("vmat-bench-jobs-", link_cases=False) as tmp:
         from vmat_core.jobs import MAX_EVENTS, JobClient, JobRecord, Ledger
 
         ledger = Ledger(Path(tmp) / "jobs")

@@ -7,11 +7,11 @@ leaf-by-leaf cvxpy formulation on the same case. Prints tables; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _common import scratch_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -24,18 +24,14 @@ def main() -> int:
     ap.add_argument("--beams", default="0,11,22,33,44,55,66")
     ap.add_argument("--solvers", default="HIGHS,SCIP")
     args = ap.parse_args()
+    with scratch_data_dir("vmat-bench-", ensure_phantom=True):
+        return _measure(args)
 
-    from vmat_core import paths
-    from vmat_core.phantom import ensure_phantom
 
-    portpy_dir = ensure_phantom(paths.portpy_data_dir()).parent
-    tmp = Path(tempfile.mkdtemp(prefix="vmat-bench-"))
-    (tmp / "portpy").symlink_to(portpy_dir, target_is_directory=True)
-    os.environ[paths.DATA_DIR_ENV] = str(tmp)
-
+def _measure(args) -> int:
     import cvxpy as cp
-
     from test_runner import notebook_problem
+
     from vmat_core import runner
     from vmat_core.config import apply_overrides, default_config
     from vmat_core.model import build_vmat_mip
@@ -67,7 +63,7 @@ def main() -> int:
     print("-" * len(hdr))
     for solver, md, wall, overhead in rows:
         print(f"{solver:<7} {md['t_load_s']:7.2f} {md['t_downsample_s']:7.2f} {md['t_build_s']:7.2f} "
-              f"{md['t_solve_s']:8.2f} {md['t_postprocess_s']:7.2f} {md['t_write_s'] if 't_write_s' in md else 0:7.2f} "
+              f"{md['t_solve_s']:8.2f} {md['t_postprocess_s']:7.2f} {md.get('t_write_s', 0):7.2f} "
               f"{wall:8.2f} {overhead / wall:9.1%} {md['status']:>11} {md['objective']:11.4g} {md['gap']:8.2%}")
 
     # Model build: the runner's vectorised families against the notebook's one-constraint-per-leaf loop, both

@@ -13,14 +13,15 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _common import scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -119,14 +120,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None, help="existing or new store folder (kept)")
     args = parser.parse_args()
 
-    tmp = None
-    root = args.root
-    if root is None:
-        tmp = Path(tempfile.mkdtemp(prefix="bench-store-"))
-        root = tmp / "runs"
-    root.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, float, str]] = []
-    try:
+    with ExitStack() as scratch:
+        root = args.root or scratch.enter_context(scratch_data_dir("bench-store-", link_cases=False)) / "runs"
+        root.mkdir(parents=True, exist_ok=True)
         store = RunStore(root)
         existing = sum(1 for p in root.iterdir() if store_mod.is_run_id(p.name))
         if existing < args.runs:
@@ -175,11 +172,8 @@ def main() -> None:
                   "ORDER BY created_at DESC LIMIT 50")
         secs, df = _time(lambda: con.execute(direct).df(), repeat=3)
         rows.append(("for comparison: DuckDB read_parquet glob, page", secs, f"{len(df)} rows"))
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"Run store benchmark: {n_runs} runs in {'a temporary folder' if tmp else root}")
+    print(f"Run store benchmark: {n_runs} runs in {root if args.root else 'a temporary folder'}")
     width = max(len(r[0]) for r in rows)
     print(f"{'operation':<{width}}  {'time':>10}  result")
     for label, secs, note in rows:

@@ -10,20 +10,16 @@ cases, so the bench never touches the user's runs. Target: a slice change ≤ 30
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from _common import scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vmat_core import paths
 
 TARGET_SLICE_MS = 30.0
 
@@ -74,12 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=40, help="slices visited per pass")
     args = ap.parse_args(argv)
 
-    real_portpy = paths.portpy_data_dir()
-    tmp = Path(tempfile.mkdtemp(prefix="vmat-bench-viewer-"))
-    (tmp / "portpy").symlink_to(real_portpy, target_is_directory=True)
-    os.environ[paths.DATA_DIR_ENV] = str(tmp)
     rows: list[tuple[str, str, str]] = []
-    try:
+    with scratch_data_dir("vmat-bench-viewer-"):
         from bokeh.document import Document
 
         from app import axial_view as av
@@ -182,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(_ms(time.perf_counter() - t0))
                 state.param.update(**{k: state.param[k].default for k in change})
             rows.append((f"change {label}", f"median {statistics.median(times):.1f} ms", "colour mapper only"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     width = max(len(r[0]) for r in rows)
     vw = max(len(r[1]) for r in rows)

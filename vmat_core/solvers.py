@@ -606,30 +606,60 @@ _HIGHS_LIMITS = {"kIterationLimit": "iteration limit", "kSolutionLimit": "soluti
 _HIGHS_START_RE = re.compile(r"MIP start solution is feasible: objective value is\s+(\S+)")
 
 
+def highs_lp_from_standard_form(sf: _StandardForm, *, relax_integers: bool = False, rows: np.ndarray | None = None,
+                                cols: np.ndarray | None = None, A: sp.spmatrix | None = None,
+                                c: np.ndarray | None = None, b: np.ndarray | None = None,
+                                offset: float | None = None):
+    """HiGHS's model (a ``highspy.HighsLp``) of cvxpy's standard form ``sf``, or of a problem derived from it.
+
+    ``rows`` and ``cols`` keep only those standard-form rows and columns (all by default). A problem with some
+    variables fixed or substituted keeps sf's row senses and column bounds but has its own numbers: ``A`` (the
+    kept rows x kept columns), ``c`` (one per kept column), ``b`` (one per standard-form row) and ``offset``
+    replace sf's. ``relax_integers`` gives the LP relaxation: no column is marked integer.
+    """
+    import highspy as hp
+
+    inf = hp.kHighsInf
+    if A is None:
+        A = sf.A if rows is None else sf.A[rows]
+        if cols is not None:
+            A = A[:, cols]
+    A = A.tocsc()
+    b = sf.b if b is None else b
+    equality = np.arange(sf.A.shape[0]) < sf.n_eq
+    if rows is not None:
+        b, equality = b[rows], equality[rows]
+    lower, upper = (sf.lower, sf.upper) if cols is None else (sf.lower[cols], sf.upper[cols])
+
+    lp = hp.HighsLp()
+    lp.num_col_ = A.shape[1]
+    lp.num_row_ = A.shape[0]
+    lp.col_cost_ = sf.c if c is None else c
+    # So HiGHS's gap, log and bounds are in the true objective, like this module's.
+    lp.offset_ = sf.offset if offset is None else offset
+    lp.row_lower_ = np.where(equality, b, -inf)
+    lp.row_upper_ = np.array(b, dtype=float)
+    lp.a_matrix_.format_ = hp.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = A.indptr
+    lp.a_matrix_.index_ = A.indices
+    lp.a_matrix_.value_ = A.data
+    lp.col_lower_ = np.where(np.isfinite(lower), lower, -inf)
+    lp.col_upper_ = np.where(np.isfinite(upper), upper, inf)
+    if not relax_integers:
+        integer = sf.integer_cols if cols is None else np.flatnonzero(np.isin(cols, sf.integer_cols))
+        integrality = [hp.HighsVarType.kContinuous] * lp.num_col_
+        for j in integer:
+            integrality[int(j)] = hp.HighsVarType.kInteger
+        lp.integrality_ = integrality
+    return lp
+
+
 def _solve_highs(sf: _StandardForm, mon: _Monitor, *, time_limit_s, mip_gap, threads, options,
                  start: _Start | None) -> _Raw:
     import highspy as hp
 
     h = hp.Highs()
-    inf = h.inf
-    lp = hp.HighsLp()
-    A = sf.A.tocsc()
-    lp.num_col_ = sf.n_cols
-    lp.num_row_ = A.shape[0]
-    lp.col_cost_ = sf.c
-    lp.offset_ = sf.offset  # so HiGHS's gap, log and bounds are in the true objective, like this module's
-    lp.row_lower_ = np.concatenate([sf.b[: sf.n_eq], np.full(A.shape[0] - sf.n_eq, -inf)])
-    lp.row_upper_ = sf.b.copy()
-    lp.a_matrix_.format_ = hp.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = A.indptr
-    lp.a_matrix_.index_ = A.indices
-    lp.a_matrix_.value_ = A.data
-    lp.col_lower_ = np.where(np.isfinite(sf.lower), sf.lower, -inf)
-    lp.col_upper_ = np.where(np.isfinite(sf.upper), sf.upper, inf)
-    integrality = [hp.HighsVarType.kContinuous] * sf.n_cols
-    for j in sf.integer_cols:
-        integrality[int(j)] = hp.HighsVarType.kInteger
-    lp.integrality_ = integrality
+    lp = highs_lp_from_standard_form(sf)
 
     h.setOptionValue("output_flag", True)
     h.setOptionValue("log_to_console", False)

@@ -286,27 +286,15 @@ class ApertureLP:
     def _solve_rows(self, rows: np.ndarray, P, b: np.ndarray, cost: np.ndarray, offset: float) -> float:
         import highspy as hp
 
-        sp, sf = self._sp, self.sf
+        from vmat_core.solvers import highs_lp_from_standard_form
+
+        sp = self._sp
         to_rest = sp.csr_matrix((np.ones(self._n_mu), (np.arange(self._n_mu), self._mu_pos)),
                                 shape=(self._n_mu, self._rest.size))
         A = (self._A_rest[rows] + (self._A_x[rows] @ P) @ to_rest).tocsc()
         h = self._highs()
-        inf = h.inf
-        lp = hp.HighsLp()
-        lp.num_col_ = self._rest.size
-        lp.num_row_ = rows.size
-        lp.col_cost_ = cost
-        lp.offset_ = offset
-        b_rows = b[rows]
-        lp.row_lower_ = np.where(rows < sf.n_eq, b_rows, -inf)
-        lp.row_upper_ = b_rows
-        lp.a_matrix_.format_ = hp.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = A.indptr
-        lp.a_matrix_.index_ = A.indices
-        lp.a_matrix_.value_ = A.data
-        lower, upper = sf.lower[self._rest], sf.upper[self._rest]
-        lp.col_lower_ = np.where(np.isfinite(lower), lower, -inf)
-        lp.col_upper_ = np.where(np.isfinite(upper), upper, inf)
+        lp = highs_lp_from_standard_form(self.sf, relax_integers=True, rows=rows, cols=self._rest, A=A, c=cost,
+                                         b=b, offset=offset)
         t0 = time.perf_counter()
         h.passModel(lp)
         if self._basis is not None:
@@ -371,29 +359,14 @@ def lp_relaxation(model: VmatModel, threads: int | None = None) -> tuple[float, 
     """The MIP's LP relaxation solved by HiGHS: (objective, fluence x, MU)."""
     import highspy as hp
 
-    from vmat_core.solvers import _compile
+    from vmat_core.solvers import _compile, highs_lp_from_standard_form
 
     sf = _compile(model.problem, "HIGHS")
     h = hp.Highs()
     h.setOptionValue("output_flag", False)
     if threads is not None:
         h.setOptionValue("threads", int(threads))
-    inf = h.inf
-    A = sf.A.tocsc()
-    lp = hp.HighsLp()
-    lp.num_col_ = sf.n_cols
-    lp.num_row_ = A.shape[0]
-    lp.col_cost_ = sf.c
-    lp.offset_ = sf.offset
-    lp.row_lower_ = np.concatenate([sf.b[: sf.n_eq], np.full(A.shape[0] - sf.n_eq, -inf)])
-    lp.row_upper_ = sf.b.copy()
-    lp.a_matrix_.format_ = hp.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = A.indptr
-    lp.a_matrix_.index_ = A.indices
-    lp.a_matrix_.value_ = A.data
-    lp.col_lower_ = np.where(np.isfinite(sf.lower), sf.lower, -inf)
-    lp.col_upper_ = np.where(np.isfinite(sf.upper), sf.upper, inf)
-    h.passModel(lp)
+    h.passModel(highs_lp_from_standard_form(sf, relax_integers=True))
     h.run()
     if h.getModelStatus().name != "kOptimal":
         raise WarmStartError(f"warm_start: the LP relaxation did not solve ({h.getModelStatus().name})")
