@@ -7,9 +7,10 @@ window/level, threshold and opacity only touch colour mappers, so nothing is re-
 The CT and the dose share one ColumnDataSource (columns ``hu`` and ``dose``), so the hover readout shows both
 values of the voxel under the cursor from the data already in the browser.
 
-Dose volumes are cached per ``(case_id, plan id)`` (finished runs never change) and loaded off the request
-thread when served. Whatever the dose source becomes, the dose on screen is cleared in the same update, so a
-dose of another case or run is never shown, not even while the new one loads.
+Dose volumes are cached per ``(case_id, plan id, grid)`` (finished runs never change; a run's optimisation-grid
+and full-resolution doses are two entries) and loaded off the request thread when served. Whatever the dose
+source becomes, the dose on screen is cleared in the same update, so a dose of another case or run is never
+shown, not even while the new one loads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ from bokeh.palettes import Greys256, RdBu11, Turbo256, interp_palette
 from bokeh.plotting import figure
 from panel.custom import Child, JSComponent
 
-from app.state import REFERENCE, PlanState, normalisation_factor, plan_data, run_label
+from app.state import (
+    FULL_GRID,
+    OPTIMISATION_GRID,
+    REFERENCE,
+    PlanState,
+    normalisation_factor,
+    optimisation_grid_label,
+    plan_data,
+    run_label,
+    run_voxel_factors,
+)
 from app.theme import ACCENT, ACCENT_LIGHT, MUTED
 from vmat_core import imaging
 
@@ -60,7 +71,7 @@ MAX_ISODOSE_LEVELS = 12
 ISODOSE_PCT_RANGE = (1.0, 200.0)
 
 _DOSE_CACHE_MAX = 4  # the displayed plan and a compared pair, ~36 MB each
-_dose_cache: OrderedDict[tuple[str, str], PlanDose] = OrderedDict()
+_dose_cache: OrderedDict[tuple[str, str, str], PlanDose] = OrderedDict()
 _dose_cache_lock = threading.Lock()
 _loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axial-dose")
 
@@ -100,6 +111,8 @@ class PlanDose:
     prescription_gy: float
     max_gy: float
     label: str
+    grid: str = OPTIMISATION_GRID  # the grid this volume was computed on (the reference: its shipped dose)
+    grid_text: str = ""  # the same for the planner, e.g. 'optimisation-grid dose (6×6×1 CT voxels)'
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,14 @@ class DoseDifference:
     @property
     def prescription_gy(self) -> float:
         return self.a.prescription_gy
+
+    def grid_summary(self) -> str:
+        if self.a.grid_text == self.b.grid_text:
+            return f"both: {self.a.grid_text}"
+        if self.a.grid == self.b.grid == FULL_GRID:  # e.g. the shipped reference dose and a reconstructed one
+            return f"both at full resolution (A: {self.a.grid_text}; B: {self.b.grid_text})"
+        return (f"mixed grids (A: {self.a.grid_text}; B: {self.b.grid_text}), so the map includes the change "
+                "of grid")
 
     def slice(self, z: int, threshold_gy: float) -> np.ndarray:
         """Δ dose of slice z; NaN where both plans are below the threshold (shown transparent)."""
@@ -134,6 +155,11 @@ class DoseKey:
     kind: str  # "plan" | "difference"
     plans: tuple[str, ...]
     normalise_pct: float | None = None  # coverage % when the difference is normalised
+    grids: tuple[str, ...] = ()  # the grid of each plan (default: the optimisation grid)
+
+    def grid(self, i: int) -> str:
+        return self.grids[i] if i < len(self.grids) else OPTIMISATION_GRID
+
 
 
 @lru_cache(maxsize=16)
@@ -157,9 +183,14 @@ def _run_prescription(meta: dict, store, run_id: str, case_id: str) -> float:
     return value if np.isfinite(value) and value > 0 else protocol_prescription_gy(case_id)
 
 
-def load_plan_dose(case_id: str, plan_id: str) -> PlanDose:
-    """The dose of a run or of the case's reference plan, cached per (case_id, plan_id)."""
-    key = (case_id, plan_id)
+def load_plan_dose(case_id: str, plan_id: str, grid: str = OPTIMISATION_GRID) -> PlanDose:
+    """The dose of a run (on ``grid``) or of the case's reference plan, cached per (case_id, plan_id, grid).
+
+    A run without a full-resolution dose gives its optimisation-grid dose (PlanDose.grid says which); the
+    reference plan has one dose, the shipped one on the CT grid."""
+    if plan_id == REFERENCE:
+        grid = FULL_GRID
+    key = (case_id, plan_id, grid)
     with _dose_cache_lock:
         hit = _dose_cache.get(key)
         if hit is not None:
@@ -172,6 +203,7 @@ def load_plan_dose(case_id: str, plan_id: str) -> PlanDose:
             raise LookupError(f"case {case_id} has no reference dose (no DicomFiles/rt_dose*.dcm)")
         rx = protocol_prescription_gy(case_id)
         label = "Reference plan (shipped RT Dose)"
+        grid_text = "shipped dose (CT grid)"
     else:
         from vmat_core.store import RunStore
 
@@ -180,13 +212,24 @@ def load_plan_dose(case_id: str, plan_id: str) -> PlanDose:
         run_case = meta.get("case_id")
         if run_case not in (None, case_id):
             raise LookupError(f"run {plan_id} belongs to case {run_case}, not {case_id}")
-        dose = store.read_arrays(plan_id, ["dose_3d_gy"])["dose_3d_gy"]
+        if grid == FULL_GRID:
+            from vmat_core import runner
+
+            full = runner.read_full_dose(plan_id, store=store)
+            if full is None:  # not computed: the optimisation grid's dose, cached under its own key
+                return load_plan_dose(case_id, plan_id, OPTIMISATION_GRID)
+            dose = full["dose_3d_gy"]
+            grid_text = "full-resolution dose"
+        else:
+            dose = store.read_arrays(plan_id, ["dose_3d_gy"])["dose_3d_gy"]
+            grid_text = optimisation_grid_label(run_voxel_factors(meta)).replace("optimisation grid",
+                                                                                "optimisation-grid dose")
         dose = np.ascontiguousarray(dose, dtype=np.float32)
         dose.setflags(write=False)
         rx = _run_prescription(meta, store, plan_id, case_id)
         label = f"Run {run_label(meta)}"
     geom.check_volume(dose, f"dose of {plan_id}")
-    pd_ = PlanDose(case_id, plan_id, dose, rx, float(np.nanmax(dose)) if dose.size else 0.0, label)
+    pd_ = PlanDose(case_id, plan_id, dose, rx, float(np.nanmax(dose)) if dose.size else 0.0, label, grid, grid_text)
     with _dose_cache_lock:
         _dose_cache[key] = pd_
         while len(_dose_cache) > _DOSE_CACHE_MAX:
@@ -197,12 +240,13 @@ def load_plan_dose(case_id: str, plan_id: str) -> PlanDose:
 def load_dose(key: DoseKey) -> PlanDose | DoseDifference:
     """Resolve a DoseKey (runs in the loader thread when served)."""
     if key.kind == "plan":
-        return load_plan_dose(key.case_id, key.plans[0])
-    a, b = (load_plan_dose(key.case_id, p) for p in key.plans)
+        return load_plan_dose(key.case_id, key.plans[0], key.grid(0))
+    a, b = (load_plan_dose(key.case_id, p, key.grid(i)) for i, p in enumerate(key.plans))
     scale_a = scale_b = 1.0
     if key.normalise_pct is not None:
+        # Each plan is normalised by its own DVH of the same grid as its volume.
         scale_a, scale_b = (
-            normalisation_factor(plan_data(key.case_id, p.plan_id) or {}, key.normalise_pct) for p in (a, b)
+            normalisation_factor(plan_data(key.case_id, p.plan_id, p.grid) or {}, key.normalise_pct) for p in (a, b)
         )
     diff = b.dose_gy * np.float32(scale_b) - a.dose_gy * np.float32(scale_a)
     max_abs = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
@@ -310,7 +354,8 @@ class AxialViewer(pn.viewable.Viewer):
         # One watcher for every input, so a batch (a new case comes with its run, slice and structures)
         # is applied in one consistent update instead of layer by layer.
         self.state.param.watch(self._on_state, [
-            "case_id", "displayed_run_id", "show_reference", "compare_a", "compare_b", "normalise",
+            "case_id", "displayed_run_id", "show_reference", "compare_a", "compare_b", "normalise", "shown_grid",
+            "dose_grid", "full_dose_status",
             "normalise_coverage_pct", "slice_index", "show_dose", "show_contours", "dose_threshold_pct",
             "dose_opacity", "isodose_levels_pct", "ct_window", "ct_level", "visible_structures",
             "structure_colors",
@@ -616,11 +661,12 @@ class AxialViewer(pn.viewable.Viewer):
             return None
         if self.show_difference and s.compare_a and s.compare_b:
             pct = float(s.normalise_coverage_pct) if s.normalise else None
-            return DoseKey(s.case_id, "difference", (s.compare_a, s.compare_b), pct)
+            grids = s.pair_grids(s.compare_a, s.compare_b, volumes=True)
+            return DoseKey(s.case_id, "difference", (s.compare_a, s.compare_b), pct, grids)
         if s.show_reference:
-            return DoseKey(s.case_id, "plan", (REFERENCE,))
+            return DoseKey(s.case_id, "plan", (REFERENCE,), grids=(FULL_GRID,))
         if s.displayed_run_id:
-            return DoseKey(s.case_id, "plan", (s.displayed_run_id,))
+            return DoseKey(s.case_id, "plan", (s.displayed_run_id,), grids=(s.shown_grid,))
         return None
 
     def _sync_dose_source(self) -> None:
@@ -695,9 +741,10 @@ class AxialViewer(pn.viewable.Viewer):
     def _dose_status(self, dose) -> str:
         if isinstance(dose, DoseDifference):
             norm = " · normalised" if dose.normalised else ""
-            return (f"Difference B − A: {dose.b.label} minus {dose.a.label} · max |Δ| {dose.max_abs_gy:.1f} Gy"
-                    f"{norm}")
-        return f"{dose.label} · Rx {dose.prescription_gy:g} Gy · max {dose.max_gy:.1f} Gy"
+            return (f"Difference B − A: {dose.b.label} minus {dose.a.label} · {dose.grid_summary()} · "
+                    f"max |Δ| {dose.max_abs_gy:.1f} Gy{norm}")
+        grid = f" · {dose.grid_text}" if dose.grid_text and dose.plan_id != REFERENCE else ""
+        return f"{dose.label}{grid} · Rx {dose.prescription_gy:g} Gy · max {dose.max_gy:.1f} Gy"
 
     def _prescription_gy(self) -> float:
         if self._dose is not None:

@@ -16,7 +16,16 @@ import param
 from app import theme
 from app.criteria_view import scale_metrics
 from app.dvh_view import dvh_curves, dvh_overlay
-from app.state import REFERENCE, PlanState, gap_badge_text, normalisation_factor, plan_data, run_label
+from app.state import (
+    FULL_GRID,
+    REFERENCE,
+    PlanState,
+    gap_badge_text,
+    normalisation_factor,
+    pair_note,
+    plan_data,
+    run_label,
+)
 
 NONE_LABEL = "—"
 COMPARED_METRICS = {
@@ -73,6 +82,28 @@ def delta_metrics(metrics_a: pd.DataFrame, metrics_b: pd.DataFrame, prescription
                 "verdict": verdict(metric, target, a, b, prescription_gy),
             })
     return pd.DataFrame(rows, columns=["Structure", "Metric", "A", "B", "Δ (B − A)", "verdict"])
+
+
+def grid_summary(state: PlanState, plan_a: str, plan_b: str, data_a: dict, data_b: dict) -> str:
+    """The sentence a comparison owes the planner about its dose grids (plain text)."""
+    mixed = pair_note(data_a, data_b)
+    if data_a["grid"] != data_b["grid"]:
+        return mixed
+    if data_a["grid"] == FULL_GRID:
+        return "Both plans at full resolution."
+    text = "Both plans on the optimisation grid"
+    if state.dose_grid == FULL_GRID:
+        # Full resolution was asked for but one plan lacks it: say which, so the planner knows what to compute.
+        why = []
+        for tag, pid in (("A", plan_a), ("B", plan_b)):
+            if pid == REFERENCE:
+                why.append(f"the reference plan ({tag}) has optimisation-grid criteria only")
+            elif FULL_GRID not in state.grids_available(pid, volumes=False):
+                why.append(f"full resolution not computed for {tag}")
+        if why:
+            text += ": " + "; ".join(why)
+    text += "."
+    return f"{text} {mixed}" if mixed else text
 
 
 def _verdict_style(row: pd.Series) -> list[str]:
@@ -143,11 +174,13 @@ class ComparisonView(pn.viewable.Viewer):
         swap.on_click(lambda _: s.param.update(compare_a=s.compare_b, compare_b=s.compare_a))
         return pn.Row(a, swap, b, margin=0)
 
-    def _render(self, case_id, plan_a, plan_b, visible, colours, normalise, coverage):
+    def _render(self, case_id, plan_a, plan_b, visible, colours, normalise, coverage, _dose_grid=None,
+                _full_dose_status=None):
         if not plan_a or not plan_b:
             return pn.pane.HTML('<div class="muted" style="padding:8px">Pick two plans to compare (runs of this '
                                 'case or the reference plan).</div>', stylesheets=[theme.BADGE_CSS])
-        da, db = plan_data(case_id, plan_a), plan_data(case_id, plan_b)
+        grid_a, grid_b = self.state.pair_grids(plan_a, plan_b)
+        da, db = plan_data(case_id, plan_a, grid_a), plan_data(case_id, plan_b, grid_b)
         if da is None or db is None:
             return pn.pane.HTML('<span class="err">A plan could not be read.</span>', stylesheets=[theme.BADGE_CSS])
         sa = normalisation_factor(da, coverage) if normalise else 1.0
@@ -168,12 +201,18 @@ class ComparisonView(pn.viewable.Viewer):
             badge = "reference plan" if pid == REFERENCE else gap_badge_text(data["metadata"])
             label = "Reference plan" if pid == REFERENCE else data["label"]
             out = f"<b>{tag}</b> {html.escape(label)}{theme.gap_badge(badge)}"
+            out += theme.grid_badge(data["grid_label"], data["grid"] == FULL_GRID)
             if normalise:
                 out += theme.badge(f"normalised to PTV V100 = {coverage:g}% (×{scale:.3f})", "norm")
             return out
 
+        summary = grid_summary(self.state, plan_a, plan_b, da, db)
+        alike = da["grid"] == db["grid"] and not pair_note(da, db)
+        summary_html = (f"<div class='{'muted' if alike else 'err'} grid-summary' style='font-size:12px'>"
+                        f"Dose grid: {html.escape(summary)}</div>")
         header = pn.pane.HTML(
             f"<div>{describe('A (solid):', plan_a, da, sa)}</div><div>{describe('B (dashed):', plan_b, db, sb)}</div>"
+            f"{summary_html}"
             "<div class='muted' style='font-size:11px'>Δ = B − A; green: B better (lower OAR dose, target closer "
             "to the prescription), red: B worse.</div>",
             stylesheets=[theme.BADGE_CSS],
@@ -192,7 +231,7 @@ class ComparisonView(pn.viewable.Viewer):
         body = pn.panel(
             pn.bind(self._render, s.param.case_id, s.param.compare_a, s.param.compare_b,
                     s.param.visible_structures, s.param.structure_colors, s.param.normalise,
-                    s.param.normalise_coverage_pct),
+                    s.param.normalise_coverage_pct, s.param.dose_grid, s.param.full_dose_status),
             loading_indicator=True,
             sizing_mode="stretch_width",
         )

@@ -13,7 +13,15 @@ import param
 
 from app import theme
 from app.dvh_view import NORMALISE_TOOLTIP, plan_title
-from app.state import REFERENCE, PlanState, gap_badge_text, normalisation_factor, plan_data
+from app.state import (
+    FULL_GRID,
+    OPTIMISATION_GRID,
+    REFERENCE,
+    PlanState,
+    gap_badge_text,
+    normalisation_factor,
+    plan_data,
+)
 
 DOSE_METRICS = ("mean_gy", "max_gy", "d2cc_gy", "d95_gy", "d98_gy", "d2_gy")
 METRIC_TITLES = {
@@ -171,9 +179,11 @@ def metrics_frame(metrics: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns=METRIC_TITLES)
 
 
-def plan_tables(case_id: str, plan_id: str, normalise: bool, coverage_pct: float) -> dict | None:
-    """Metrics and criteria of a plan, scaled when normalising: {'metrics', 'criteria', 'scale', 'data'}."""
-    data = plan_data(case_id, plan_id)
+def plan_tables(case_id: str, plan_id: str, normalise: bool, coverage_pct: float,
+                grid: str = OPTIMISATION_GRID) -> dict | None:
+    """Metrics and criteria of a plan on ``grid``, scaled when normalising: {'metrics', 'criteria', 'scale',
+    'data'} (data['grid'] is the grid given)."""
+    data = plan_data(case_id, plan_id, grid)
     if data is None:
         return None
     scale = normalisation_factor(data, coverage_pct) if normalise else 1.0
@@ -195,12 +205,13 @@ class CriteriaView(pn.viewable.Viewer):
         empty = {"criteria": criteria_frame(pd.DataFrame()), "metrics": metrics_frame(pd.DataFrame()), "note": ""}
         if plan_id is None:
             return {**empty, "header": '<div class="muted" style="padding:4px 0">No plan to evaluate yet.</div>'}
-        tables = plan_tables(s.case_id, plan_id, s.normalise, s.normalise_coverage_pct)
+        tables = plan_tables(s.case_id, plan_id, s.normalise, s.normalise_coverage_pct, s.grid_for(plan_id))
         if tables is None:
             return {**empty, "header": f'<span class="err">Plan {html.escape(plan_id)} could not be read.</span>'}
         data = tables["data"]
         head = f"<b>Criteria · {html.escape(plan_title(plan_id, data))}</b>"
         head += theme.gap_badge(gap_badge_text(data["metadata"]) if plan_id != REFERENCE else "reference plan")
+        head += theme.grid_badge(data["grid_label"], data["grid"] == FULL_GRID)
         if s.normalise:
             head += theme.badge(f"normalised to PTV V100 = {s.normalise_coverage_pct:g}% "
                                 f"(×{tables['scale']:.3f})", "norm")
@@ -239,6 +250,6 @@ class CriteriaView(pn.viewable.Viewer):
         self._tabs = pn.Tabs(("Clinical criteria", self._criteria), ("Metrics", self._metrics), dynamic=False,
                              sizing_mode="stretch_width")
         s.param.watch(self._update, ["case_id", "displayed_run_id", "show_reference", "normalise",
-                                     "normalise_coverage_pct"])
+                                     "normalise_coverage_pct", "shown_grid"])
         self._update()
         return pn.Column(self._header, self._tabs, self._note, sizing_mode="stretch_width")

@@ -14,7 +14,7 @@ import panel as pn
 import param
 
 from app import theme
-from app.state import REFERENCE, PlanState, gap_badge_text, plan_data
+from app.state import FULL_GRID, OPTIMISATION_GRID, REFERENCE, PlanState, gap_badge_text, plan_data
 
 NORMALISE_TOOLTIP = (
     "Comparison only: every dose of the plan (DVH dose axis, metrics) is multiplied by one factor so that the "
@@ -81,15 +81,16 @@ def dvh_overlay(curves: list, prescription_gy: float | None, title: str = "", he
 
 
 def dvh_frames(case_id: str, plan_id: str | None, visible: list[str], normalise: bool,
-               coverage_pct: float) -> dict:
+               coverage_pct: float, grid: str = OPTIMISATION_GRID) -> dict:
     """What the DVH shows for a plan: {'frames': {structure: DataFrame}, 'prescription_gy', 'scale',
-    'header' (HTML)}; no frames when there is no plan. Pure function of its arguments."""
+    'header' (HTML), 'grid'}; no frames when there is no plan. Pure function of its arguments (``grid``: the
+    evaluation asked for; 'grid' is the one given, the optimisation grid when no full dose exists)."""
     from app.state import normalisation_factor
 
-    empty = {"frames": {}, "prescription_gy": math.nan, "scale": 1.0, "header": ""}
+    empty = {"frames": {}, "prescription_gy": math.nan, "scale": 1.0, "header": "", "grid": None}
     if plan_id is None:
         return empty
-    data = plan_data(case_id, plan_id)
+    data = plan_data(case_id, plan_id, grid)
     if data is None:
         return {**empty, "header": f'<span class="err">Plan {html.escape(plan_id)} could not be read.</span>'}
     scale = normalisation_factor(data, coverage_pct) if normalise else 1.0
@@ -105,15 +106,17 @@ def dvh_frames(case_id: str, plan_id: str | None, visible: list[str], normalise:
                 })
     header = f"<b>{html.escape(plan_title(plan_id, data))}</b>"
     header += theme.gap_badge(gap_badge_text(data["metadata"]) if plan_id != REFERENCE else "reference plan")
+    header += theme.grid_badge(data["grid_label"], data["grid"] == FULL_GRID)
     if normalise:
         header += theme.badge(f"normalised to PTV V100 = {coverage_pct:g}% (×{scale:.3f})", "norm")
-    return {"frames": frames, "prescription_gy": data["prescription_gy"], "scale": scale, "header": header}
+    return {"frames": frames, "prescription_gy": data["prescription_gy"], "scale": scale, "header": header,
+            "grid": data["grid"]}
 
 
 def build_dvh(case_id: str, plan_id: str | None, visible: list[str], colours: dict[str, str],
-              normalise: bool, coverage_pct: float):
+              normalise: bool, coverage_pct: float, grid: str = OPTIMISATION_GRID):
     """(overlay or None, header HTML) of a plan, as a standalone HoloViews overlay."""
-    shown = dvh_frames(case_id, plan_id, visible, normalise, coverage_pct)
+    shown = dvh_frames(case_id, plan_id, visible, normalise, coverage_pct, grid)
     if not shown["frames"]:
         return None, shown["header"]
     curves = [_curve(shown["frames"][n], n, colours) for n in visible if n in shown["frames"]]
@@ -160,7 +163,7 @@ class DVHView(pn.viewable.Viewer):
     def current(self) -> dict:
         s = self.state
         return dvh_frames(s.case_id, s.shown_plan_id, list(s.visible_structures), s.normalise,
-                          s.normalise_coverage_pct)
+                          s.normalise_coverage_pct, s.grid_for(s.shown_plan_id))
 
     def _push(self, *_) -> None:
         shown = self.current()
@@ -207,7 +210,7 @@ class DVHView(pn.viewable.Viewer):
         self._figure_pane = figure
         # After the figure (watchers run in registration order), so a rebuilt figure gets the data at once.
         s.param.watch(self._push, ["case_id", "displayed_run_id", "show_reference", "visible_structures",
-                                   "normalise", "normalise_coverage_pct", "job_status"])
+                                   "normalise", "normalise_coverage_pct", "job_status", "shown_grid"])
         self._push()
         return pn.Column(
             pn.Row(pn.pane.HTML("<b>Dose–volume histogram</b>", margin=(10, 8)), pn.layout.HSpacer(),

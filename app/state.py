@@ -5,7 +5,8 @@ store → views); the state submits jobs and polls them, the views only read run
 
 Invariant: a change of ``case_id`` or ``displayed_run_id`` updates every dependent parameter in one batch
 (``param.update``), so a view never sees the new case with the old run, and views key whatever they cache by
-``(case_id, run_id)``.
+``(case_id, run_id, grid)``: a run has an optimisation-grid evaluation and, once reconstructed, a full-resolution
+one (``dose_grid`` is the planner's choice, ``shown_grid`` what the displayed run is shown on).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from vmat_core.store import CorruptRun
 log = logging.getLogger(__name__)
 
 REFERENCE = "reference"
+# A run has two evaluations: the optimisation's own (dose of the down-sampled influence matrix, DVH on the
+# optimisation voxels) and, once reconstructed, the full-resolution one (every dose voxel, every beamlet).
+FULL_GRID = "full"
+OPTIMISATION_GRID = "optimisation"
+GRID_TITLES = {FULL_GRID: "Full resolution", OPTIMISATION_GRID: "Optimisation grid"}
+# The reference plan's tables come from runner.reference_plan, which samples the shipped dose at the optimisation
+# voxels of these factors; its volume in the viewer is the shipped dose itself, on the CT grid.
+REFERENCE_VOXEL_FACTORS = (6, 6, 1)
 FINISHED_STATUSES = ("done",)  # the job produced a run
 TERMINAL_STATUSES = ("cancelled", "done", "failed", "lost")  # vmat_core.jobs.TERMINAL_STATES
 
@@ -139,6 +148,12 @@ class PlanState(param.Parameterized):
     full_dose = param.Event(doc="Queue the full-resolution dose reconstruction of the displayed run.")
     full_dose_status = param.String(default="", doc="Full-resolution dose of displayed_run_id: '' (not asked), "
                                                     "'pending', 'ready' or 'failed: <reason>'.")
+    dose_grid = param.Selector(default=FULL_GRID, objects=[FULL_GRID, OPTIMISATION_GRID],
+                               doc="The evaluation the planner asks for: a run's full-resolution dose when it has "
+                                   "been computed (else its optimisation grid), or always the optimisation grid.")
+    shown_grid = param.Selector(default=OPTIMISATION_GRID, objects=[FULL_GRID, OPTIMISATION_GRID], constant=True,
+                                doc="Derived from dose_grid and full_dose_status: the grid on which the DVH, "
+                                    "criteria and viewer show displayed_run_id.")
 
     loading = param.Boolean(default=False)
     notice = param.String(default="", doc="A message for the planner (e.g. why the reference cannot be shown).")
@@ -326,18 +341,75 @@ class PlanState(param.Parameterized):
     @param.depends("displayed_run_id", watch=True)
     def _on_displayed_run(self) -> None:
         self._full_dose_job = None
-        self.full_dose_status = "ready" if self._full_dose_cached(self.displayed_run_id) else ""
+        # The file's name hashes the run's fluence; found once here, a poll only has to stat it.
+        self._full_dose_file = _full_dose_file(self.displayed_run_id)
+        ready = self._full_dose_file is not None and self._full_dose_file.is_file()
+        self.full_dose_status = "ready" if ready else ""
 
     @staticmethod
     def _full_dose_cached(run_id: str | None) -> bool:
-        if not run_id:
-            return False
-        from vmat_core import runner
+        path = _full_dose_file(run_id)
+        return path is not None and path.is_file()
 
-        try:
-            return runner.full_dose_path(run_id, run_store()).is_file()
-        except READ_ERRORS:
-            return False
+    @param.depends("dose_grid", "full_dose_status", watch=True)
+    def _sync_shown_grid(self) -> None:
+        grid = FULL_GRID if self.dose_grid == FULL_GRID and self.full_dose_status == "ready" else OPTIMISATION_GRID
+        if grid != self.shown_grid:
+            with param.edit_constant(self):
+                self.shown_grid = grid
+
+    def grid_for(self, plan_id: str | None) -> str:
+        """The grid of the tables (DVH, metrics, criteria) shown for ``plan_id`` on its own."""
+        if plan_id is None or plan_id == REFERENCE:
+            return OPTIMISATION_GRID
+        if plan_id == self.displayed_run_id:
+            return self.shown_grid
+        return FULL_GRID if self.dose_grid == FULL_GRID and self._full_dose_cached(plan_id) else OPTIMISATION_GRID
+
+    def grids_available(self, plan_id: str, volumes: bool) -> set[str]:
+        """The grids ``plan_id`` can be shown on: its tables' (``volumes`` False) or its dose volume's."""
+        if plan_id == REFERENCE:
+            # Its volume is the shipped dose (CT grid); its tables were evaluated on the optimisation voxels.
+            return {FULL_GRID} if volumes else {OPTIMISATION_GRID}
+        has_full = self.full_dose_status == "ready" if plan_id == self.displayed_run_id else (
+            self._full_dose_cached(plan_id))
+        return {OPTIMISATION_GRID, FULL_GRID} if has_full else {OPTIMISATION_GRID}
+
+    def pair_grids(self, plan_a: str, plan_b: str, *, volumes: bool = False) -> tuple[str, str]:
+        """Grids on which plans A and B are compared: the planner's dose_grid when both have it, else a grid both
+        have (so a comparison is like for like whenever it can be), else each plan's own (mixed: the views say
+        so). ``volumes``: for the viewer's dose volumes rather than for the DVH and criteria."""
+        have_a, have_b = self.grids_available(plan_a, volumes), self.grids_available(plan_b, volumes)
+        common = have_a & have_b
+        if self.dose_grid in common:
+            return self.dose_grid, self.dose_grid
+        if common:
+            grid = min(common)  # only one grid can be common when the preferred one is not
+            return grid, grid
+
+        def own(have: set[str]) -> str:
+            return self.dose_grid if self.dose_grid in have else next(iter(have))
+
+        return own(have_a), own(have_b)
+
+    def grid_note(self) -> str:
+        """One line for the planner: which evaluation the displayed run's views show, and why."""
+        if self.show_reference:
+            factors = "×".join(map(str, REFERENCE_VOXEL_FACTORS))
+            return (f"Reference plan shown: DVH and criteria on its {factors} optimisation grid, the shipped dose "
+                    "in the viewer; this choice applies to runs.")
+        if not self.displayed_run_id:
+            return ""
+        status = self.full_dose_status
+        if self.shown_grid == FULL_GRID:
+            return "DVH, criteria and dose at full resolution (every CT dose voxel and beamlet)."
+        if status == "ready":
+            return "Optimisation-grid evaluation shown; the full-resolution dose is available."
+        if status == "pending":
+            return "Full-resolution dose pending: the views show the optimisation grid meanwhile."
+        if status.startswith("failed"):
+            return f"Full-resolution dose {status}; the views show the optimisation grid."
+        return "Full resolution not computed for this run: the views show the optimisation grid."
 
     @param.depends("full_dose", watch=True)
     def _on_full_dose(self) -> None:
@@ -357,11 +429,18 @@ class PlanState(param.Parameterized):
     def poll_full_dose(self) -> str:
         """Follow the dose job of the displayed run; returns the new status."""
         job = getattr(self, "_full_dose_job", None)
+        if self.full_dose_status == "" and self.displayed_run_id:
+            # Computed elsewhere (another session, the CLI): shown as soon as it lands, without a page reload.
+            path = getattr(self, "_full_dose_file", None)
+            if path is not None and path.is_file():
+                self.full_dose_status = "ready"
+            return self.full_dose_status
         if self.full_dose_status != "pending" or not job:
             return self.full_dose_status
         rec = job_client().status(job)
         if rec.status == "done":
-            self.full_dose_status = "ready"
+            # The planner asked for it: show it, even if they had switched to the optimisation grid meanwhile.
+            self.param.update(full_dose_status="ready", dose_grid=FULL_GRID)
         elif rec.status in ("failed", "lost", "cancelled"):
             reason = (rec.error or rec.status).strip().splitlines()
             self.full_dose_status = f"failed: {reason[-1] if reason else rec.status}"
@@ -423,7 +502,7 @@ class PlanState(param.Parameterized):
         """The dose factor that gives the plan normalise_coverage_pct % PTV coverage at Rx; 1 when off."""
         if not self.normalise or plan_id is None or not self.case_id:
             return 1.0
-        data = plan_data(self.case_id, plan_id)
+        data = plan_data(self.case_id, plan_id, self.grid_for(plan_id))
         if data is None:
             return 1.0
         return normalisation_factor(data, self.normalise_coverage_pct)
@@ -504,21 +583,73 @@ def ptv_centre_slice(info: CaseInfo) -> int:
 
 
 READ_ERRORS = (KeyError, ValueError, OSError, CorruptRun)
-_PLAN_CACHE: dict[tuple[str, str], dict] = {}
+_PLAN_CACHE: dict[tuple[str, str, str], dict] = {}
 _PLAN_CACHE_MAX = 24
 
 
-def plan_data(case_id: str, plan_id: str) -> dict | None:
+_FULL_DOSE_FILES: dict[tuple[str, str], Any] = {}
+
+
+def _full_dose_file(run_id: str | None):
+    """Where the run's full-resolution dose is (or would be) stored; None when the run cannot have one.
+
+    The name hashes the run's fluence (a read of the run's arrays), and a finished run's fluence never changes,
+    so it is remembered per (data directory, run): the viewer asks on every slice step when comparing."""
+    if not run_id or run_id == REFERENCE:
+        return None
+    from vmat_core import paths, runner
+
+    key = (str(paths.cache_dir()), run_id)
+    hit = _FULL_DOSE_FILES.get(key)
+    if hit is not None:
+        return hit
+    try:
+        path = runner.full_dose_path(run_id, run_store())
+    except READ_ERRORS:
+        return None
+    if len(_FULL_DOSE_FILES) > 512:
+        _FULL_DOSE_FILES.clear()
+    _FULL_DOSE_FILES[key] = path
+    return path
+
+
+def optimisation_grid_label(factors) -> str:
+    """'optimisation grid (6×6×1 CT voxels)'; without known factors just 'optimisation grid'."""
+    try:
+        fx = [int(f) for f in factors]
+    except (TypeError, ValueError):
+        fx = []
+    return f"optimisation grid ({'×'.join(map(str, fx))} CT voxels)" if len(fx) == 3 else "optimisation grid"
+
+
+def run_voxel_factors(meta: dict) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(meta[k]) for k in ("voxel_ds_x", "voxel_ds_y", "voxel_ds_z"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def plan_data(case_id: str, plan_id: str, grid: str = OPTIMISATION_GRID) -> dict | None:
     """Tables of a run or of the reference plan: {'dvh', 'metrics', 'criteria', 'metadata', 'prescription_gy',
-    'label'}; None when unavailable. Cached per (case_id, plan_id): finished runs never change."""
-    key = (case_id, plan_id)
+    'label', 'grid', 'grid_label', 'voxel_factors'}; None when unavailable.
+
+    ``grid`` FULL_GRID asks for the run's full-resolution evaluation; a run without one gets its optimisation-grid
+    tables, and 'grid' says which was given. The reference plan has only its optimisation-grid tables. Cached per
+    (case_id, plan_id, grid): finished runs never change, and a run's two evaluations are never confused."""
+    if plan_id == REFERENCE:
+        grid = OPTIMISATION_GRID
+    key = (case_id, plan_id, grid)
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
         return hit
-    if plan_id == REFERENCE:
+    if grid == FULL_GRID:
+        data = _full_plan_data(case_id, plan_id)
+        if data is None:  # not computed (yet): not cached under the full grid, so it shows once it lands
+            return plan_data(case_id, plan_id, OPTIMISATION_GRID)
+    elif plan_id == REFERENCE:
         from vmat_core import runner
 
-        ref = runner.reference_plan(case_id)
+        ref = runner.reference_plan(case_id, voxel_down_sample_factors=REFERENCE_VOXEL_FACTORS)
         data = {
             "dvh": ref["dvh"],
             "metrics": ref["metrics"],
@@ -526,6 +657,9 @@ def plan_data(case_id: str, plan_id: str) -> dict | None:
             "metadata": {"status": "reference"},
             "prescription_gy": float(ref["prescription_gy"]),
             "label": "Reference plan",
+            "grid": OPTIMISATION_GRID,
+            "grid_label": optimisation_grid_label(REFERENCE_VOXEL_FACTORS),
+            "voxel_factors": REFERENCE_VOXEL_FACTORS,
         }
     else:
         store = run_store()
@@ -549,12 +683,41 @@ def plan_data(case_id: str, plan_id: str) -> dict | None:
                 pres = store.read_config(plan_id).get("prescription_gy")
             except READ_ERRORS:
                 pres = None
+        factors = run_voxel_factors(meta)
         data = {**tables, "metadata": meta, "prescription_gy": float(pres) if pres else float("nan"),
-                "label": run_label(meta, with_badge=False)}
+                "label": run_label(meta, with_badge=False), "grid": OPTIMISATION_GRID,
+                "grid_label": optimisation_grid_label(factors), "voxel_factors": factors}
     if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
         _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
     _PLAN_CACHE[key] = data
     return data
+
+
+def _full_plan_data(case_id: str, run_id: str) -> dict | None:
+    """The run's full-resolution tables with its own metadata and prescription; None when not computed."""
+    from vmat_core import runner
+
+    base = plan_data(case_id, run_id, OPTIMISATION_GRID)
+    if base is None:
+        return None
+    full = runner.read_full_dose(run_id, store=run_store(), with_dose=False)
+    if full is None:
+        return None
+    return {**base, "dvh": full["dvh"], "metrics": full["metrics"], "criteria": full["criteria"],
+            "grid": FULL_GRID, "grid_label": "full resolution (CT grid)"}
+
+
+def pair_note(data_a: dict, data_b: dict) -> str:
+    """What a comparison must say about its grids: '' when A and B are evaluated alike."""
+    ga, gb = data_a.get("grid"), data_b.get("grid")
+    if ga != gb:
+        return (f"Mixed dose grids: A on the {data_a.get('grid_label', ga)}, B on the {data_b.get('grid_label', gb)}; "
+                "differences include the change of grid.")
+    fa, fb = data_a.get("voxel_factors"), data_b.get("voxel_factors")
+    if ga == OPTIMISATION_GRID and fa and fb and tuple(fa) != tuple(fb):
+        return (f"Different optimisation grids: A {'×'.join(map(str, fa))}, B {'×'.join(map(str, fb))} CT voxels "
+                "per optimisation voxel; differences include the change of grid.")
+    return ""
 
 
 def normalisation_factor(data: dict, coverage_pct: float) -> float:

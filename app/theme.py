@@ -39,9 +39,15 @@ BADGE_CSS = f"""
 .badge-optimal {{ background:#D7F0DC; color:#1B5E20; }}
 .badge-gap {{ background:#FCE7B6; color:#7A4F00; }}
 .badge-ref {{ background:#E3F2FA; color:{ACCENT}; }}
+/* A drawn "i" (the page font has no circled-i glyph): hover the badge for the reason. */
+.info-dot {{ display:inline-block; width:13px; height:13px; line-height:13px; border-radius:50%;
+             border:1px solid currentColor; font-size:10px; font-style:italic; text-align:center;
+             margin-left:3px; font-family:Georgia, serif; }}
 .badge-norm {{ background:#EDE7F6; color:#4527A0; }}
 .badge-run {{ background:#E3F2FA; color:{ACCENT}; }}
 .badge-fail {{ background:#F8D0CC; color:#8E1B10; }}
+.badge-full {{ background:#DDEFE3; color:#14532D; border:1px solid #9CCFAE; }}
+.badge-grid {{ background:#F1F3F6; color:#374151; border:1px solid #CBD2DC; }}
 .muted {{ color:{MUTED}; }}
 .err {{ color:#B3261E; font-size:12px; }}
 .chip {{ display:inline-block; width:12px; height:12px; border-radius:3px; vertical-align:middle;
@@ -63,3 +69,11 @@ def gap_badge(text: str) -> str:
         return ""
     kind = "optimal" if text == "optimal" else "ref" if text.startswith("reference") else "gap"
     return badge(text, kind)
+
+
+def grid_badge(label: str, full_resolution: bool) -> str:
+    """The dose grid a plan's numbers come from, so a full-resolution and an optimisation-grid evaluation are
+    never read one for the other."""
+    if not label:
+        return ""
+    return badge(label, "full" if full_resolution else "grid")

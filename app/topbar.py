@@ -9,7 +9,7 @@ import panel as pn
 import param
 
 from app import theme
-from app.state import TERMINAL_STATUSES, PlanState
+from app.state import FULL_GRID, GRID_TITLES, OPTIMISATION_GRID, TERMINAL_STATUSES, PlanState
 from vmat_core.config import ConfigError, RunConfig, validate_config
 
 
@@ -50,6 +50,13 @@ def solver_summary() -> tuple[str, str]:
     return label, explanation
 
 
+GRID_HELP = (
+    "Which evaluation the DVH, criteria, metrics and viewer show for the displayed run: the optimisation's own "
+    "(dose of the down-sampled influence matrix, DVH on the optimisation voxels) or, once computed with "
+    "'Full-resolution dose', the dose on every CT dose voxel and original beamlet."
+)
+
+
 def _format_elapsed(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 60:d}:{s % 60:02d}"
@@ -82,6 +89,66 @@ class TopBar(pn.viewable.Viewer):
             parts.append(f'<span class="muted">{notice}</span>')
         return " ".join(parts)
 
+    def dose_grid_selector(self):
+        """'Dose grid [Full resolution | Optimisation grid] [Full-resolution dose]' and a line saying what is shown.
+
+        The buttons show what the views show (``shown_grid``), not just the planner's wish: without a computed
+        full dose they sit on the optimisation grid, disabled, and the line says full resolution is not computed.
+        A pick sets ``dose_grid``, which also holds for runs displayed later."""
+        state = self.state
+        options = {GRID_TITLES[FULL_GRID]: FULL_GRID, GRID_TITLES[OPTIMISATION_GRID]: OPTIMISATION_GRID}
+        select = pn.widgets.RadioBoxGroup(
+            options=options, value=state.shown_grid, inline=True, width=270, margin=(16, 4, 8, 4),
+            css_classes=["dose-grid"],
+            disabled=state.full_dose_status != "ready",
+        )
+        syncing = {"on": False}  # a value set from the state is not the planner's pick
+
+        def from_state(*_):
+            syncing["on"] = True
+            try:
+                select.param.update(value=state.shown_grid, disabled=state.full_dose_status != "ready")
+            finally:
+                syncing["on"] = False
+
+        def to_state(event):
+            if not syncing["on"]:
+                state.dose_grid = event.new
+
+        state.param.watch(from_state, ["shown_grid", "full_dose_status", "displayed_run_id"])
+        select.param.watch(to_state, "value")
+        compute = pn.widgets.Button.from_param(
+            state.param.full_dose,
+            label="Full-resolution dose",
+            color="primary",
+            variant="outline",
+            width=160,
+            margin=(10, 4),
+            description="Recompute the displayed run's dose on every dose voxel and original beamlet (a background "
+                        "job); the views show the optimisation grid's dose meanwhile",
+            disabled=pn.bind(lambda run, st: not run or st in ("pending", "ready"),
+                             state.param.displayed_run_id, state.param.full_dose_status),
+        )
+        # Fixed widths: a pane sized by its text overlaps its neighbours in a Row when the text changes.
+        note = pn.pane.HTML(
+            pn.bind(self._grid_note_html, state.param.shown_grid, state.param.full_dose_status,
+                    state.param.displayed_run_id, state.param.show_reference),
+            width=380, margin=(8, 4), css_classes=["dose-grid-note", "full-dose-status"],
+        )
+        label = pn.pane.HTML("<b>Dose grid</b>", width=68, margin=(17, 0, 0, 10), styles={"font-size": "13px"})
+        help_icon = pn.widgets.TooltipIcon(value=GRID_HELP, margin=(18, 4, 0, 0), width=20)
+        self._grid_select, self._grid_note = select, note
+        return pn.Row(label, help_icon, select, compute, note, margin=0, css_classes=["dose-grid-bar"])
+
+    def _grid_note_html(self, shown_grid, status, _run_id, show_reference) -> str:
+        text = self.state.grid_note()
+        if not text:
+            return ""
+        colour = (theme.MUTED if show_reference else "#14532D" if shown_grid == FULL_GRID else "#7A4F00" if status == "pending"
+                  else "#B3261E" if status.startswith("failed") else theme.MUTED)
+        return (f'<div style="font-size:12px;color:{colour};line-height:1.35" title="{html.escape(status)}">'
+                f"{html.escape(text)}</div>")
+
     def _save_config(self) -> io.StringIO:
         cfg = self.state.config
         return io.StringIO(cfg.to_json() if cfg is not None else "{}")
@@ -109,7 +176,7 @@ class TopBar(pn.viewable.Viewer):
         case_select = pn.widgets.Select.from_param(state.param.case_id, label="", width=230, margin=(10, 10))
         label, explanation = solver_summary()
         solver = pn.pane.HTML(
-            f'<span class="badge badge-ref" title="{html.escape(explanation)}">{html.escape(label)} ⓘ</span>',
+            f'<span class="badge badge-ref" title="{html.escape(explanation)}">{html.escape(label)} <span class="info-dot">i</span></span>',
             stylesheets=[theme.BADGE_CSS],
             width=230,
             margin=(16, 4),
@@ -182,25 +249,11 @@ class TopBar(pn.viewable.Viewer):
             styles={"color": "#B3261E", "font-size": "12px"},
             margin=(18, 4),
         )
-        full_dose = pn.widgets.Button.from_param(
-            state.param.full_dose,
-            label="Full-resolution dose",
-            color="light",
-            width=150,
-            margin=(10, 4),
-            description="Recompute the displayed run's dose on every dose voxel and original beamlet (a background "
-                        "job); the views show the optimisation grid's dose meanwhile",
-            disabled=pn.bind(lambda run, st: not run or st in ("pending", "ready"),
-                             state.param.displayed_run_id, state.param.full_dose_status),
-        )
-        full_dose_badge = pn.pane.HTML(
-            pn.bind(_full_dose_html, state.param.full_dose_status),
-            stylesheets=[theme.BADGE_CSS], margin=(16, 4), css_classes=["full-dose-status"],
-        )
-        # Wraps onto two lines when the window is narrow rather than hiding the action buttons.
+        # Wraps onto more lines when the window is narrow rather than hiding the action buttons.
         bar = pn.FlexBox(
             pn.Row(case_select, solver, job, margin=0),
-            pn.Row(blocked, full_dose_badge, full_dose, save, upload, reopt, cancel, margin=0),
+            pn.Row(blocked, save, upload, reopt, cancel, margin=0),
+            self.dose_grid_selector(),
             flex_wrap="wrap",
             justify_content="space-between",
             align_items="center",
@@ -211,12 +264,3 @@ class TopBar(pn.viewable.Viewer):
         )
         return pn.Column(bar, self._load_error, sizing_mode="stretch_width")
 
-
-def _full_dose_html(status: str) -> str:
-    if not status:
-        return ""
-    if status == "pending":
-        return theme.badge("full-resolution dose pending", "gap")
-    if status == "ready":
-        return theme.badge("full-resolution dose ready", "optimal")
-    return f'<span title="{html.escape(status)}">{theme.badge("full-resolution dose failed", "fail")}</span>'

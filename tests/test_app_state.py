@@ -361,3 +361,164 @@ def test_prescription_pane_and_offline_fetch(two_cases):
     # no hub here: a clear failure, and no half-downloaded case appears
     assert view.fetch_message.startswith("Fetch failed"), view.fetch_message
     assert set(cases.list_case_ids()) == before
+
+
+# ---------------------------------------------------------------------------------------- dose grid
+
+THIRD_CASE = "Lung_Synth_Patient_3"
+
+
+@pytest.fixture(scope="module")
+def grid_runs(two_cases, case_dir):
+    """Two tiny runs of a third case, written by the real runner in this process: (run_x, run_y).
+
+    The case is these tests' own, so the other tests' "latest run of the case" and "no runs yet" still hold."""
+    from vmat_core import runner
+    from vmat_core.config import default_config
+
+    _link_copy(case_dir, two_cases / "portpy" / THIRD_CASE)
+    run_ids = []
+    for beams in ([0, 36], [0, 24, 48]):
+        cfg = default_config(THIRD_CASE)
+        cfg.beam_ids = beams
+        cfg.voxel_down_sample_factors = list(TINY["voxel_down_sample_factors"])
+        cfg.solver.time_limit_s = TINY["time_limit_s"]
+        run_ids.append(runner.run_vmat_global_optimal(cfg).run_id)
+    return tuple(run_ids)
+
+
+def _structure_dvh(dvh: pd.DataFrame, name: str) -> pd.DataFrame:
+    return dvh[dvh["structure"] == name].reset_index(drop=True)
+
+
+def test_full_resolution_evaluation_replaces_the_optimisation_grid_once_computed(grid_runs):
+    from app import axial_view
+    from app import state as state_mod
+    from app.axial_view import AxialViewer
+    from app.criteria_view import CriteriaView, criteria_frame, metrics_frame
+    from app.dvh_view import DVHView
+    from app.state import FULL_GRID, OPTIMISATION_GRID, PlanState, plan_data
+    from app.topbar import TopBar
+    from vmat_core import runner
+    from vmat_core.store import RunStore
+
+    run_x, _ = grid_runs
+    state = PlanState(case_id=THIRD_CASE)
+    state.displayed_run_id = run_x
+    dvh, crit, bar = DVHView(state=state), CriteriaView(state=state), TopBar(state=state)
+    for view in (dvh, crit, bar):
+        view.__panel__()
+    axial = AxialViewer(state=state)
+    z = state.slice_index
+
+    # Not computed yet: the optimisation grid, and the selector and headers say so.
+    assert runner.read_full_dose(run_x) is None
+    assert state.full_dose_status == ""
+    assert state.dose_grid == FULL_GRID and state.shown_grid == OPTIMISATION_GRID
+    assert bar._grid_select.value == OPTIMISATION_GRID and bar._grid_select.disabled
+    assert "not computed" in bar._grid_note.object
+    assert "optimisation grid (12×12×2 CT voxels)" in dvh._header.object
+    assert "optimisation grid (12×12×2 CT voxels)" in crit._header.object
+    opt = plan_data(THIRD_CASE, run_x, OPTIMISATION_GRID)
+    opt_dose = RunStore().read_arrays(run_x, ["dose_3d_gy"])["dose_3d_gy"]
+    np.testing.assert_array_equal(axial.current_images()["dose"], opt_dose[z])
+    assert "optimisation-grid dose (12×12×2 CT voxels)" in axial.status
+
+    # Computed for real; the page's next poll notices it and every view switches without a reload.
+    full = runner.reconstruct_full_dose(run_x)
+    assert runner.read_full_dose(run_x, with_dose=False).keys() == {"dvh", "metrics", "criteria"}
+    state.poll()
+    assert state.full_dose_status == "ready" and state.shown_grid == FULL_GRID
+    for name in ("PTV", "CORD"):
+        shown = dvh._pipe.data["frames"][name]
+        expected, before = _structure_dvh(full["dvh"], name), _structure_dvh(opt["dvh"], name)
+        np.testing.assert_allclose(shown["dose_gy"], expected["dose_gy"])
+        np.testing.assert_allclose(shown["volume_pct"], expected["volume_pct"])
+        assert len(before) != len(expected) or not np.allclose(before["volume_pct"], expected["volume_pct"])
+    assert "full resolution" in dvh._header.object and "optimisation grid" not in dvh._header.object
+    assert "full resolution" in crit._header.object
+    pd.testing.assert_frame_equal(crit._criteria.value.reset_index(drop=True), criteria_frame(full["criteria"]))
+    pd.testing.assert_frame_equal(crit._metrics.value.reset_index(drop=True), metrics_frame(full["metrics"]))
+    assert not crit._metrics.value.equals(metrics_frame(opt["metrics"]))
+    np.testing.assert_array_equal(axial.current_images()["dose"], full["dose_3d_gy"][z])
+    assert not np.array_equal(full["dose_3d_gy"], opt_dose)
+    assert "full-resolution dose" in axial.status
+    assert bar._grid_select.value == FULL_GRID and not bar._grid_select.disabled
+    assert "full resolution" in bar._grid_note.object
+
+    # The planner switches back to the optimisation grid (the selector's own path), and forward again.
+    bar._grid_select.value = OPTIMISATION_GRID
+    assert state.dose_grid == OPTIMISATION_GRID and state.shown_grid == OPTIMISATION_GRID
+    np.testing.assert_allclose(dvh._pipe.data["frames"]["PTV"]["volume_pct"],
+                               _structure_dvh(opt["dvh"], "PTV")["volume_pct"])
+    pd.testing.assert_frame_equal(crit._metrics.value.reset_index(drop=True), metrics_frame(opt["metrics"]))
+    np.testing.assert_array_equal(axial.current_images()["dose"], opt_dose[z])
+    assert "optimisation grid" in dvh._header.object and "available" in bar._grid_note.object
+    state.dose_grid = FULL_GRID
+    np.testing.assert_array_equal(axial.current_images()["dose"], full["dose_3d_gy"][z])
+    assert bar._grid_select.value == FULL_GRID
+
+    # Both evaluations are cached side by side, each under its own key.
+    assert plan_data(THIRD_CASE, run_x, FULL_GRID)["grid"] == FULL_GRID
+    assert plan_data(THIRD_CASE, run_x, OPTIMISATION_GRID)["dvh"].equals(opt["dvh"])
+    assert {(THIRD_CASE, run_x, FULL_GRID), (THIRD_CASE, run_x, OPTIMISATION_GRID)} <= set(state_mod._PLAN_CACHE)
+    assert {(THIRD_CASE, run_x, FULL_GRID), (THIRD_CASE, run_x, OPTIMISATION_GRID)} <= set(axial_view._dose_cache)
+
+
+def test_comparison_puts_both_plans_on_one_grid(grid_runs):
+    from app.axial_view import AxialViewer
+    from app.comparison_view import ComparisonView
+    from app.state import FULL_GRID, OPTIMISATION_GRID, REFERENCE, PlanState, plan_data
+    from vmat_core import runner
+    from vmat_core.store import RunStore
+
+    run_x, run_y = grid_runs
+    full_x = runner.reconstruct_full_dose(run_x)  # a cache read when the test above ran first
+    assert runner.read_full_dose(run_y) is None
+    state = PlanState(case_id=THIRD_CASE)
+    state.param.update(displayed_run_id=run_x, compare_a=run_x, compare_b=run_y)
+    view = ComparisonView(state=state)
+
+    def render():
+        out = view._render(THIRD_CASE, run_x, run_y, ["PTV", "CORD"], state.structure_colors, False, 95.0)
+        header, row = out.objects
+        return header.object, row.objects[1].value
+
+    def a_values(metrics):
+        return round(float(metrics.set_index("structure").loc["PTV", "mean_gy"]), 2)
+
+    # B has no full dose: both on the optimisation grid, and the header says why
+    header, delta = render()
+    assert "Both plans on the optimisation grid: full resolution not computed for B." in header
+    mean_a = delta[(delta["Structure"] == "PTV") & (delta["Metric"] == "Mean (Gy)")]["A"].iloc[0]
+    assert mean_a == a_values(plan_data(THIRD_CASE, run_x, OPTIMISATION_GRID)["metrics"])
+    assert state.pair_grids(run_x, run_y, volumes=True) == (OPTIMISATION_GRID, OPTIMISATION_GRID)
+    axial = AxialViewer(state=state)
+    axial.show_difference = True
+    z = state.slice_index
+    opt_x, opt_y = (RunStore().read_arrays(r, ["dose_3d_gy"])["dose_3d_gy"] for r in (run_x, run_y))
+    expected = opt_y[z] - opt_x[z]
+    expected[np.maximum(opt_x[z], opt_y[z]) < state.dose_threshold_pct / 100 * 60.0] = np.nan
+    np.testing.assert_allclose(axial.current_images()["dose"], expected, atol=1e-4)
+    assert "both: optimisation-grid dose (12×12×2 CT voxels)" in axial.status
+
+    # B computed too: both at full resolution
+    full_y = runner.reconstruct_full_dose(run_y)
+    header, delta = render()
+    assert "Both plans at full resolution" in header
+    mean_a = delta[(delta["Structure"] == "PTV") & (delta["Metric"] == "Mean (Gy)")]["A"].iloc[0]
+    assert mean_a == a_values(full_x["metrics"])
+    state.param.trigger("full_dose_status")  # what the page's poll does when a dose job lands
+    fx, fy = full_x["dose_3d_gy"][z], full_y["dose_3d_gy"][z]
+    expected = fy - fx
+    expected[np.maximum(fx, fy) < state.dose_threshold_pct / 100 * 60.0] = np.nan
+    np.testing.assert_allclose(axial.current_images()["dose"], expected, atol=1e-4)
+    assert "both: full-resolution dose" in axial.status
+
+    # The reference plan's tables exist on the optimisation grid only; its volume is the shipped (CT-grid) dose.
+    assert state.pair_grids(REFERENCE, run_x) == (OPTIMISATION_GRID, OPTIMISATION_GRID)
+    assert state.pair_grids(REFERENCE, run_x, volumes=True) == (FULL_GRID, FULL_GRID)
+    state.dose_grid = OPTIMISATION_GRID
+    assert state.pair_grids(run_x, run_y) == (OPTIMISATION_GRID, OPTIMISATION_GRID)
+    header, _ = render()
+    assert "Both plans on the optimisation grid." in header

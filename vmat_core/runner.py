@@ -14,9 +14,9 @@ import io
 import logging
 import os
 import pickle
-import zlib
 import platform
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -507,7 +507,6 @@ def reference_plan(
     Returns ``{"dose_3d_gy", "dvh", "metrics", "criteria", "prescription_gy", "source"}``. The result is cached
     under the data directory's cache, keyed by the DICOM file's size and time, so the app shows it instantly.
     """
-    import portpy.photon as pp
     from portpy.photon.utils import convert_dose_rt_dicom_to_portpy
 
     from vmat_core.config import default_config
@@ -582,7 +581,7 @@ def reconstruct_full_dose(run_id: str, *, store=None, portpy_dir: Path | None = 
         return _read_full_dose(target)
     cfg = RunConfig.from_dict(store.read_config(run_id))
     fluence = store.read_arrays(run_id, ["fluence"])["fluence"]
-    data, ct, structs, beams, clinical_criteria, opt_params = load_case(cfg, portpy_dir)
+    _, ct, structs, beams, clinical_criteria, _ = load_case(cfg, portpy_dir)
     inf_matrix, inf_db = down_sampled_matrix(cfg, ct, structs, beams)
     with _quiet():
         sol_full = pp.InfluenceMatrix.sol_change_inf_matrix(
@@ -605,11 +604,39 @@ def reconstruct_full_dose(run_id: str, *, store=None, portpy_dir: Path | None = 
     return _read_full_dose(target)
 
 
-def _read_full_dose(path: Path) -> dict:
+def read_full_dose(run_id: str, *, store=None, with_dose: bool = True) -> dict | None:
+    """The run's full-resolution dose if it has been reconstructed, else None; never computes it.
+
+    Same keys as ``reconstruct_full_dose``; ``with_dose=False`` leaves out ``dose_3d_gy`` (the DVH and criteria
+    views need only the tables, and decompressing the CT-sized volume costs far more than reading them). A run
+    without a stored fluence can have no full-resolution dose, so it is None too.
+    """
+    import zipfile
+
+    from vmat_core.store import CorruptRun
+
+    try:
+        target = full_dose_path(run_id, store)
+    except (KeyError, ValueError, OSError, CorruptRun) as e:
+        log.debug("run %s has no full-resolution dose: %s", run_id, e)
+        return None
+    if not target.is_file():
+        return None
+    try:
+        return _read_full_dose(target, with_dose=with_dose)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:  # damaged file: as if never computed
+        log.warning("full-resolution dose of run %s unreadable (%s): %s", run_id, target, e)
+        return None
+
+
+def _read_full_dose(path: Path, *, with_dose: bool = True) -> dict:
+    # np.load is lazy per array, so leaving out the dose skips its decompression.
     with np.load(path, allow_pickle=False) as z:
-        return {
-            "dose_3d_gy": z["dose_3d_gy"],
+        out = {
             "dvh": pd.read_json(io.StringIO(bytes(z["dvh_json"]).decode()), orient="records"),
             "metrics": pd.read_json(io.StringIO(bytes(z["metrics_json"]).decode()), orient="records"),
             "criteria": pd.read_json(io.StringIO(bytes(z["criteria_json"]).decode()), orient="records"),
         }
+        if with_dose:
+            out = {"dose_3d_gy": z["dose_3d_gy"], **out}
+        return out
