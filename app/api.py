@@ -421,6 +421,8 @@ def get_reference_dose(req: ApiRequest) -> dict:
         "dvh": ref.get("dvh"),
         "metrics": ref.get("metrics"),
         "criteria": ref.get("criteria"),
+        # The same tables on every dose voxel (the grid of a run's reconstructed full-resolution dose).
+        "full_resolution": ref.get("full"),
     }
 
 
@@ -826,7 +828,9 @@ def component_schemas() -> dict:
             "num_fractions": {"type": ["integer", "null"]}}},
         "ReferenceDose": {"type": "object", "properties": {
             "case_id": {"type": "string"}, "prescription_gy": {"type": ["number", "null"]},
-            "dvh": _RECORDS, "metrics": _RECORDS, "criteria": _RECORDS}},
+            "dvh": _RECORDS, "metrics": _RECORDS, "criteria": _RECORDS,
+            "full_resolution": {"type": ["object", "null"], "properties": {
+                "dvh": _RECORDS, "metrics": _RECORDS, "criteria": _RECORDS}}}},
     }
 
 

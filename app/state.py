@@ -33,8 +33,8 @@ REFERENCE = "reference"
 FULL_GRID = "full"
 OPTIMISATION_GRID = "optimisation"
 GRID_TITLES = {FULL_GRID: "Full resolution", OPTIMISATION_GRID: "Optimisation grid"}
-# The reference plan's tables come from runner.reference_plan, which samples the shipped dose at the optimisation
-# voxels of these factors; its volume in the viewer is the shipped dose itself, on the CT grid.
+# The reference plan's tables come from runner.reference_plan: the shipped dose sampled at the optimisation voxels
+# of these factors, and at every dose voxel (full resolution); its volume in the viewer is the shipped dose itself.
 REFERENCE_VOXEL_FACTORS = (6, 6, 1)
 FINISHED_STATUSES = ("done",)  # the job produced a run
 TERMINAL_STATUSES = ("cancelled", "done", "failed", "lost")  # vmat_core.jobs.TERMINAL_STATES
@@ -299,11 +299,11 @@ class PlanState(param.Parameterized):
         if not self.case.has_reference_dose:
             self.notice = f"Case {self.case_id} ships no reference dose."
             return
-        if (self.case_id, REFERENCE) in _PLAN_CACHE:
+        if all((self.case_id, REFERENCE, g) in _PLAN_CACHE for g in (OPTIMISATION_GRID, FULL_GRID)):
             self.param.update(show_reference=True, notice="")
             return
         self.param.update(loading=True, notice="Loading the reference plan…")
-        self._reference_future = _executor().submit(plan_data, self.case_id, REFERENCE)
+        self._reference_future = _executor().submit(_load_reference, self.case_id)
         self._reference_case = self.case_id
 
     def _check_reference(self) -> None:
@@ -351,17 +351,22 @@ class PlanState(param.Parameterized):
         path = _full_dose_file(run_id)
         return path is not None and path.is_file()
 
-    @param.depends("dose_grid", "full_dose_status", watch=True)
+    @param.depends("dose_grid", "full_dose_status", "show_reference", watch=True)
     def _sync_shown_grid(self) -> None:
-        grid = FULL_GRID if self.dose_grid == FULL_GRID and self.full_dose_status == "ready" else OPTIMISATION_GRID
+        if self.show_reference:  # the reference plan has both evaluations
+            grid = self.dose_grid
+        else:
+            grid = FULL_GRID if self.dose_grid == FULL_GRID and self.full_dose_status == "ready" else OPTIMISATION_GRID
         if grid != self.shown_grid:
             with param.edit_constant(self):
                 self.shown_grid = grid
 
     def grid_for(self, plan_id: str | None) -> str:
         """The grid of the tables (DVH, metrics, criteria) shown for ``plan_id`` on its own."""
-        if plan_id is None or plan_id == REFERENCE:
+        if plan_id is None:
             return OPTIMISATION_GRID
+        if plan_id == REFERENCE:
+            return self.dose_grid
         if plan_id == self.displayed_run_id:
             return self.shown_grid
         return FULL_GRID if self.dose_grid == FULL_GRID and self._full_dose_cached(plan_id) else OPTIMISATION_GRID
@@ -369,8 +374,8 @@ class PlanState(param.Parameterized):
     def grids_available(self, plan_id: str, volumes: bool) -> set[str]:
         """The grids ``plan_id`` can be shown on: its tables' (``volumes`` False) or its dose volume's."""
         if plan_id == REFERENCE:
-            # Its volume is the shipped dose (CT grid); its tables were evaluated on the optimisation voxels.
-            return {FULL_GRID} if volumes else {OPTIMISATION_GRID}
+            # Its volume is the shipped dose (CT grid); its tables exist on both grids.
+            return {FULL_GRID} if volumes else {OPTIMISATION_GRID, FULL_GRID}
         has_full = self.full_dose_status == "ready" if plan_id == self.displayed_run_id else (
             self._full_dose_cached(plan_id))
         return {OPTIMISATION_GRID, FULL_GRID} if has_full else {OPTIMISATION_GRID}
@@ -395,9 +400,11 @@ class PlanState(param.Parameterized):
     def grid_note(self) -> str:
         """One line for the planner: which evaluation the displayed run's views show, and why."""
         if self.show_reference:
+            if self.dose_grid == FULL_GRID:
+                return "Reference plan shown: DVH and criteria on every dose voxel, the shipped dose in the viewer."
             factors = "×".join(map(str, REFERENCE_VOXEL_FACTORS))
-            return (f"Reference plan shown: DVH and criteria on its {factors} optimisation grid, the shipped dose "
-                    "in the viewer; this choice applies to runs.")
+            return (f"Reference plan shown: DVH and criteria on the {factors} optimisation grid, the shipped dose "
+                    "in the viewer.")
         if not self.displayed_run_id:
             return ""
         status = self.full_dose_status
@@ -634,22 +641,25 @@ def plan_data(case_id: str, plan_id: str, grid: str = OPTIMISATION_GRID) -> dict
     'label', 'grid', 'grid_label', 'voxel_factors'}; None when unavailable.
 
     ``grid`` FULL_GRID asks for the run's full-resolution evaluation; a run without one gets its optimisation-grid
-    tables, and 'grid' says which was given. The reference plan has only its optimisation-grid tables. Cached per
-    (case_id, plan_id, grid): finished runs never change, and a run's two evaluations are never confused."""
-    if plan_id == REFERENCE:
-        grid = OPTIMISATION_GRID
+    tables, and 'grid' says which was given. The reference plan has both. Cached per (case_id, plan_id, grid):
+    finished runs never change, and a plan's two evaluations are never confused."""
     key = (case_id, plan_id, grid)
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
         return hit
-    if grid == FULL_GRID:
+    if grid == FULL_GRID and plan_id == REFERENCE:
+        base = plan_data(case_id, REFERENCE, OPTIMISATION_GRID)
+        full = _reference_tables(case_id).get("full") if base is not None else None
+        if not full:  # a cache written before the reference had full-resolution tables
+            return base
+        data = {**base, **full, "grid": FULL_GRID, "grid_label": "full resolution (CT grid)"}
+    elif grid == FULL_GRID:
         data = _full_plan_data(case_id, plan_id)
         if data is None:  # not computed (yet): not cached under the full grid, so it shows once it lands
             return plan_data(case_id, plan_id, OPTIMISATION_GRID)
     elif plan_id == REFERENCE:
-        from vmat_core import runner
 
-        ref = runner.reference_plan(case_id, voxel_down_sample_factors=REFERENCE_VOXEL_FACTORS)
+        ref = _reference_tables(case_id)
         data = {
             "dvh": ref["dvh"],
             "metrics": ref["metrics"],
@@ -691,6 +701,20 @@ def plan_data(case_id: str, plan_id: str, grid: str = OPTIMISATION_GRID) -> dict
         _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
     _PLAN_CACHE[key] = data
     return data
+
+
+def _load_reference(case_id: str) -> dict | None:
+    """Both evaluations of the reference plan into the cache (the first is minutes of work on a new case)."""
+    data = plan_data(case_id, REFERENCE, OPTIMISATION_GRID)
+    if data is not None:
+        plan_data(case_id, REFERENCE, FULL_GRID)
+    return data
+
+
+def _reference_tables(case_id: str) -> dict:
+    from vmat_core import runner
+
+    return runner.reference_plan(case_id, voxel_down_sample_factors=REFERENCE_VOXEL_FACTORS)
 
 
 def _full_plan_data(case_id: str, run_id: str) -> dict | None:

@@ -89,6 +89,10 @@ class TopBar(pn.viewable.Viewer):
             parts.append(f'<span class="muted">{notice}</span>')
         return " ".join(parts)
 
+    def _grid_choice(self) -> bool:
+        """Whether what is shown exists on both grids: the reference plan, or a run with its full dose computed."""
+        return self.state.show_reference or self.state.full_dose_status == "ready"
+
     def dose_grid_selector(self):
         """'Dose grid [Full resolution | Optimisation grid] [Full-resolution dose]' and a line saying what is shown.
 
@@ -100,14 +104,14 @@ class TopBar(pn.viewable.Viewer):
         select = pn.widgets.RadioBoxGroup(
             options=options, value=state.shown_grid, inline=True, width=270, margin=(16, 4, 8, 4),
             css_classes=["dose-grid"],
-            disabled=state.full_dose_status != "ready",
+            disabled=not self._grid_choice(),
         )
         syncing = {"on": False}  # a value set from the state is not the planner's pick
 
         def from_state(*_):
             syncing["on"] = True
             try:
-                select.param.update(value=state.shown_grid, disabled=state.full_dose_status != "ready")
+                select.param.update(value=state.shown_grid, disabled=not self._grid_choice())
             finally:
                 syncing["on"] = False
 
@@ -115,7 +119,7 @@ class TopBar(pn.viewable.Viewer):
             if not syncing["on"]:
                 state.dose_grid = event.new
 
-        state.param.watch(from_state, ["shown_grid", "full_dose_status", "displayed_run_id"])
+        state.param.watch(from_state, ["shown_grid", "full_dose_status", "displayed_run_id", "show_reference"])
         select.param.watch(to_state, "value")
         compute = pn.widgets.Button.from_param(
             state.param.full_dose,

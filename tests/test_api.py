@@ -228,6 +228,13 @@ def test_reference_dose(client, reference_reply):
     # The shipped reference plan covers its target: PTV D95 near the prescription.
     assert 50 < ptv["d95_gy"] < 66
     assert {c["status"] for c in ref["criteria"]} <= {"pass", "goal_missed", "fail", "not_evaluated"}
+    # The same dose on every dose voxel: its own tables, close to the optimisation grid's but not the same.
+    full = ref["full_resolution"]
+    full_ptv = next(m for m in full["metrics"] if m["structure"] == "PTV")
+    assert abs(full_ptv["d95_gy"] - ptv["d95_gy"]) < 3
+    assert len(full["dvh"]) > 0 and full["dvh"] != ref["dvh"]
+    assert [(c["structure"], c["criterion"]) for c in full["criteria"]] == \
+        [(c["structure"], c["criterion"]) for c in ref["criteria"]]
 
 
 # -------------------------------------------------------------------------------------------------- jobs

@@ -515,9 +515,19 @@ def test_comparison_puts_both_plans_on_one_grid(grid_runs):
     np.testing.assert_allclose(axial.current_images()["dose"], expected, atol=1e-4)
     assert "both: full-resolution dose" in axial.status
 
-    # The reference plan's tables exist on the optimisation grid only; its volume is the shipped (CT-grid) dose.
-    assert state.pair_grids(REFERENCE, run_x) == (OPTIMISATION_GRID, OPTIMISATION_GRID)
+    # The reference plan's tables exist on both grids; its volume is the shipped (CT-grid) dose.
+    assert state.pair_grids(REFERENCE, run_x) == (FULL_GRID, FULL_GRID)
     assert state.pair_grids(REFERENCE, run_x, volumes=True) == (FULL_GRID, FULL_GRID)
+    ref_full, ref_opt = (plan_data(THIRD_CASE, REFERENCE, g) for g in (FULL_GRID, OPTIMISATION_GRID))
+    assert ref_full["grid"] == FULL_GRID and ref_opt["grid"] == OPTIMISATION_GRID
+    assert len(ref_full["dvh"]) and not ref_full["dvh"].equals(ref_opt["dvh"])
+    ptv = [round(float(d["metrics"].set_index("structure").loc["PTV", "d95_gy"]), 1) for d in (ref_full, ref_opt)]
+    assert abs(ptv[0] - ptv[1]) < 3, ptv
+    state.show_reference = True
+    assert state.shown_grid == FULL_GRID and "every dose voxel" in state.grid_note()
+    state.dose_grid = OPTIMISATION_GRID
+    assert state.shown_grid == OPTIMISATION_GRID and "optimisation grid" in state.grid_note()
+    state.show_reference = False
     state.dose_grid = OPTIMISATION_GRID
     assert state.pair_grids(run_x, run_y) == (OPTIMISATION_GRID, OPTIMISATION_GRID)
     header, _ = render()

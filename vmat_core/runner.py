@@ -504,9 +504,13 @@ def reference_plan(
 ) -> dict:
     """The case's shipped reference dose, evaluated exactly like a run (same voxels, DVH and criteria).
 
-    Returns ``{"dose_3d_gy", "dvh", "metrics", "criteria", "prescription_gy", "source"}``. The result is cached
-    under the data directory's cache, keyed by the DICOM file's size and time, so the app shows it instantly.
+    Returns ``{"dose_3d_gy", "dvh", "metrics", "criteria", "full", "prescription_gy", "source"}``: the tables on
+    the optimisation voxels of ``voxel_down_sample_factors`` (as a run's own evaluation), and under ``"full"`` the
+    same tables on every dose voxel (as a run's reconstructed full-resolution dose), so the reference can be
+    compared like for like on either grid. The result is cached under the data directory's cache, keyed by the
+    DICOM file's size and time, so the app shows it instantly.
     """
+    import portpy.photon as pp
     from portpy.photon.utils import convert_dose_rt_dicom_to_portpy
 
     from vmat_core.config import default_config
@@ -518,7 +522,7 @@ def reference_plan(
     cfg = default_config(case_id, protocol=protocol or (case.protocols[0] if case.protocols else "Lung_2Gy_30Fx"))
     st = dcm.stat()
     factors = tuple(int(f) for f in voxel_down_sample_factors)
-    key = f"{case_id}-{cfg.protocol}-{'x'.join(map(str, factors))}-{st.st_size}-{st.st_mtime_ns}"
+    key = f"{case_id}-{cfg.protocol}-{'x'.join(map(str, factors))}-{st.st_size}-{st.st_mtime_ns}-v2"
     cache_file = paths.cache_dir() / "reference" / f"{key}.pkl"
     if cache_file.is_file():
         with contextlib.suppress(Exception):
@@ -535,11 +539,20 @@ def reference_plan(
     dose_1d = inf_db.dose_3d_to_1d(dose_3d=dose_3d).astype(float)
     prescription_gy = float(clinical_criteria.get_prescription())
     ev = evaluate_plan(inf_db, list(structs.get_structures()), dose_1d, prescription_gy, clinical_criteria.get_criteria())
+    # Every dose voxel: PortPy's full matrix maps them whatever the beams, so one beam keeps the load small.
+    one_beam = RunConfig.from_dict({**cfg.to_dict(), "beam_ids": [int(cfg.beam_ids[0])]})
+    _, ct_full, structs_full, beams_full, _, _ = load_case(one_beam, portpy_dir)
+    with _quiet():
+        full_matrix = pp.InfluenceMatrix(ct=ct_full, structs=structs_full, beams=beams_full)
+    full_ev = evaluate_plan(full_matrix, list(structs_full.get_structures()),
+                            full_matrix.dose_3d_to_1d(dose_3d=dose_3d).astype(float), prescription_gy,
+                            clinical_criteria.get_criteria())
     out = {
         "dose_3d_gy": dose_3d,
         "dvh": ev.dvh,
         "metrics": ev.metrics,
         "criteria": ev.criteria,
+        "full": {"dvh": full_ev.dvh, "metrics": full_ev.metrics, "criteria": full_ev.criteria},
         "prescription_gy": prescription_gy,
         "source": dcm.name,
     }
