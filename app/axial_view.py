@@ -47,7 +47,7 @@ from app.state import (
     run_label,
     run_voxel_factors,
 )
-from app.theme import ACCENT, ACCENT_LIGHT, MUTED
+from app.theme import ACCENT, MUTED
 from vmat_core import imaging
 
 log = logging.getLogger(__name__)
@@ -487,8 +487,8 @@ class AxialViewer(pn.viewable.Viewer):
                                  self.param.isodose_error), margin=(0, 10)),
             pn.widgets.MultiChoice.from_param(s.param.visible_structures, label="Structures",
                                               options=pn.bind(self._structure_options, s.param.case_id)),
-            title="Display", collapsed=True, sizing_mode="stretch_width", header_background=ACCENT_LIGHT,
-            margin=(5, 5),
+            title="Display settings: window/level, dose wash, isodose levels, structures", collapsed=True,
+            sizing_mode="stretch_width", header_background="#E3F2FA", header_color="#0B3D5C", margin=(5, 5),
         )
         legend = pn.pane.HTML(
             pn.bind(self._legend_html, s.param.visible_structures, s.param.structure_colors,

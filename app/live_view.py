@@ -168,7 +168,8 @@ class LiveView(pn.viewable.Viewer):
                 badges.append(theme.badge(f"total {_clock(float(meta['t_total_s']))}", "run"))
         self._status.object = (
             "<b>Optimisation</b> " + "".join(badges)
-            + f' <span class="muted" style="font-size:11px">{html.escape(source)}</span>'
+            + f' <span class="muted" style="font-size:11px">{html.escape(source)} · gap = (incumbent − bound) / '
+            '|incumbent|; solver logs may divide by the bound instead</span>'
         )
         text = "\n".join(log) if log else "(no solver output yet)"
         if text != self._console_text:
