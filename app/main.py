@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import panel as pn
 
 from app import theme
@@ -26,11 +28,16 @@ _WORKERS_KEY = "vmat_embedded_workers"
 
 
 def ensure_workers(n: int = 1):
-    """Start the embedded job workers once per process (``--dev`` reloads and new sessions reuse them)."""
+    """Start the embedded job workers once per process (``--dev`` reloads and new sessions reuse them).
+
+    ``python -m app.server`` decides at start-up (its ``--workers``, or none with a Dask scheduler) and records
+    that here first; this default serves ``panel serve app/main.py``. Jobs sent to a Dask scheduler never reach
+    an embedded worker, so none is started then."""
     if _WORKERS_KEY not in pn.state.cache:
         from vmat_core import jobs
 
-        pn.state.cache[_WORKERS_KEY] = jobs.start_embedded_workers(n)
+        started = [] if os.environ.get(jobs.SCHEDULER_ENV) else jobs.start_embedded_workers(n)
+        pn.state.cache[_WORKERS_KEY] = started
     return pn.state.cache[_WORKERS_KEY]
 
 

@@ -17,9 +17,7 @@ Prints three tables (medians and 95th percentiles; asserts nothing):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import statistics
 import time
 from pathlib import Path
@@ -99,7 +97,7 @@ def live_jobs(client, n_jobs: int, tag: str) -> dict:
 
 
 def embedded_live(n_jobs: int) -> dict:
-    from vmat_core.jobs import JobClient, pid_alive, start_embedded_workers
+    from vmat_core.jobs import JobClient, start_embedded_workers, stop_embedded_workers
 
     client = JobClient()
     pids = start_embedded_workers(1)
@@ -111,13 +109,7 @@ def embedded_live(n_jobs: int) -> dict:
         time.sleep(8)
         return live_jobs(client, n_jobs, "embedded")
     finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in pids:
-            deadline = time.monotonic() + 15
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        stop_embedded_workers(pids)
         client.close()
 
 

@@ -599,7 +599,16 @@ def test_served_with_a_dask_scheduler_jobs_run_on_its_workers(session_data_dir, 
         try:
             assert any("Dask scheduler " + cluster.scheduler_address in line for line in srv.lines)
             assert srv.worker_pids == []
+            from vmat_core.jobs import Ledger
+
+            ledger = Ledger()
+            embedded_before = {w["id"] for w in ledger.worker_records()}
             with httpx.Client(base_url=srv.url, timeout=60) as c:
+                # Opening the Plan page starts no local worker either: jobs go to the cluster.
+                assert c.get("/").status_code == 200
+                time.sleep(1.0)
+                assert {w["id"] for w in ledger.worker_records()} == embedded_before
+                ledger.close()
                 workers = strict_json(c.get("/api/workers"))
                 listed = workers["workers"]
                 assert workers["backend"] == "dask" and [w["backend"] for w in listed] == ["dask"]

@@ -4,10 +4,8 @@ move the slice, load the reference dose and compare two runs. Screenshots go to 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import pytest
 
 pytest.importorskip("pytest_playwright")
 from playwright.sync_api import expect
+
+from vmat_core import jobs
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="system Chromium not installed")
 
@@ -34,29 +34,8 @@ def served_app(page, case_dir):
     msgs, _port = serve_component(page, main.create_app)
     yield page, msgs
     pn.state.kill_all_servers()
-    for pid in pn.state.cache.pop(main._WORKERS_KEY, None) or []:
-        _stop(pid)
+    jobs.stop_embedded_workers(pn.state.cache.pop(main._WORKERS_KEY, None) or [])
 
-
-def _stop(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
 
 
 def _shot(page, name: str) -> None:

@@ -4,12 +4,8 @@ Plan page and read its DVH; cancel a queued job. Screenshots go to tests/artifac
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import signal
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -173,25 +169,6 @@ def test_the_plan_page_shows_the_run_named_in_its_url(served, history_data) -> N
     _shot(page, "history_04_plan_shows_run")
 
 
-def _stop(pid: int) -> None:
-    """End a worker this test started: SIGTERM (it finishes its heartbeat and exits), SIGKILL if it lingers."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, ChildProcessError):
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-
 
 def test_jobs_page_cancels_retries_and_follows_a_worker(served) -> None:
     page, msgs, port = served
@@ -227,7 +204,8 @@ def test_jobs_page_cancels_retries_and_follows_a_worker(served) -> None:
         expect(page.locator(".jobs-message")).to_contain_text(f"Job {queued} submitted again as", timeout=20_000)
         new_id = page.locator(".jobs-message").inner_text().rsplit(" as ", 1)[1].rstrip(".")
         new_row = page.locator(".jobs-table .tabulator-row", has_text=new_id)
-        expect(new_row).to_contain_text("running", timeout=60_000)
+        # A tiny job on a warm worker can start and finish between two refreshes of the page (every 2 s).
+        expect(new_row).to_contain_text(re.compile(r"running|done"), timeout=60_000)
         _shot(page, "jobs_02_running")
         expect(new_row).to_contain_text("done", timeout=JOB_TIMEOUT_MS)
         run_link = new_row.locator("a")
@@ -237,6 +215,5 @@ def test_jobs_page_cancels_retries_and_follows_a_worker(served) -> None:
         expect(worker_row).to_contain_text("idle", timeout=30_000)
         _shot(page, "jobs_03_done")
     finally:
-        for pid in pids:
-            _stop(pid)
+        jobs.stop_embedded_workers(pids)
     assert not _errors(msgs), _errors(msgs)

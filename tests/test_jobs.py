@@ -8,7 +8,6 @@ or has its worker killed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -30,6 +29,7 @@ from vmat_core.jobs import (
     pid_alive,
     reset_job_clients,
     start_embedded_workers,
+    stop_embedded_workers,
 )
 from vmat_core.store import RunStore
 
@@ -84,15 +84,8 @@ def worker_pids(data_root):
     """Pids of the workers this module starts; each is stopped (SIGTERM, then SIGKILL) at the end."""
     pids: list[int] = []
     yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for pid in pids:
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    stop_embedded_workers(pids)
+    assert not [pid for pid in pids if pid_alive(pid)], "a worker outlived stop_embedded_workers"
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +268,21 @@ def test_killed_worker_makes_its_job_lost_and_others_go_on(client, worker_pids):
     assert RunStore().exists(client.result(next_id, timeout_s=120))
     assert client.status(next_id).worker_id == fresh
     print(f"\nSIGKILL of a busy worker: job lost after {took:.1f} s")
+
+
+def test_stopping_a_busy_worker_cancels_its_job_and_keeps_the_plan(client, worker_pids):
+    pid = start_embedded_workers(4)[0]
+    worker_pids.append(pid)
+    wid = worker_id_of(client, pid)
+    job_id = client.submit(config(*LONG, "mu_bound=2.2"), worker=wid)
+    wait_for(lambda: solve_point(client, job_id), 240, "the solve to report an incumbent")
+    solver_pid = client.status(job_id).solver_pid
+    stop_embedded_workers([pid])
+    assert not pid_alive(pid) and not pid_alive(solver_pid)
+    rec = client.status(job_id)
+    assert rec.status == "cancelled" and f"worker {wid} was stopped" in rec.error
+    assert rec.run_id and RunStore().read_metadata(rec.run_id)["status"] == "cancelled"
+    assert {w["id"]: w["state"] for w in client.workers()}[wid] == "stopped"
 
 
 def test_dose_job_kind(client, worker_pids):

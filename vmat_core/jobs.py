@@ -36,6 +36,7 @@ import os
 import platform
 import queue
 import secrets
+import signal
 import threading
 import time
 import traceback
@@ -1039,6 +1040,34 @@ def start_embedded_workers(n: int = 1, *, jobs_root: Path | None = None) -> list
         return started
     finally:
         ledger.close()
+
+
+def stop_embedded_workers(pids: list[int], *, timeout_s: float = 15.0) -> None:
+    """Stop worker processes: SIGTERM (a worker finishes its heartbeat and hands its running job back as
+    cancelled, keeping the incumbent), then SIGKILL for any still alive after ``timeout_s``. Workers this process
+    started are also reaped, so none is left a zombie."""
+    import subprocess
+
+    own = {p.pid: p for p in _spawned}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        proc = own.get(pid)
+        if proc is not None:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            _spawned.remove(proc)
+            continue
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------------------
