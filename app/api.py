@@ -599,6 +599,63 @@ def get_dose_npz(req: ApiRequest) -> Reply:
     )
 
 
+def _active_dose_job(run_id: str):
+    """The queued or running full-resolution dose job of ``run_id``, if any."""
+    client = _job_client()
+    for job_id in client.ledger.active_ids():
+        d = client.ledger.get(job_id)
+        if d and d.get("kind") == "dose" and (d.get("config") or {}).get("run_id") == run_id:
+            return client.status(job_id)
+    return None
+
+
+def get_full_dose(req: ApiRequest) -> dict:
+    from vmat_core import runner
+
+    run_id = req.args["run_id"]
+    store = _check_run_id(run_id)
+    full = runner.read_full_dose(run_id, store=store, with_dose=False)
+    if full is not None:
+        return {"run_id": run_id, "status": "ready", "dvh": full["dvh"], "metrics": full["metrics"],
+                "criteria": full["criteria"], "dose_url": f"{API_PREFIX}/runs/{run_id}/full_dose.npz"}
+    job = _active_dose_job(run_id)
+    return {"run_id": run_id, "status": "pending" if job else "not_computed",
+            "job_url": f"{API_PREFIX}/jobs/{job.job_id}" if job else None,
+            "message": "being computed" if job else f"not computed; POST {API_PREFIX}/runs/{run_id}/full_dose"}
+
+
+def post_full_dose(req: ApiRequest) -> Reply:
+    from vmat_core import runner
+
+    run_id = req.args["run_id"]
+    store = _check_run_id(run_id)
+    here = f"{API_PREFIX}/runs/{run_id}/full_dose"
+    if runner.read_full_dose(run_id, store=store, with_dose=False) is not None:
+        return Reply(body={"run_id": run_id, "status": "ready", "url": here}, status=200)
+    job_id = _job_client().submit_dose(run_id)
+    location = f"{API_PREFIX}/jobs/{job_id}"
+    return Reply(body={"run_id": run_id, "status": "pending", "job_id": job_id, "url": location}, status=202,
+                 headers={"Location": location})
+
+
+def get_full_dose_npz(req: ApiRequest) -> Reply:
+    from vmat_core import runner
+
+    run_id = req.args["run_id"]
+    store = _check_run_id(run_id)
+    full = runner.read_full_dose(run_id, store=store)
+    if full is None:
+        raise ApiError(404, f"the full-resolution dose of run {run_id} is not computed; "
+                            f"POST {API_PREFIX}/runs/{run_id}/full_dose", "run_id")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, dose_3d_gy=full["dose_3d_gy"])
+    return Reply(
+        raw=buf.getvalue(),
+        content_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{run_id}_full_dose.npz"'},
+    )
+
+
 def get_openapi(req: ApiRequest) -> dict:
     return openapi_document()
 
@@ -627,6 +684,7 @@ class Route:
     ok_schema: dict | None = None
     ok_content_type: str = "application/json"
     errors: tuple[int, ...] = ()
+    also_ok: dict[int, str] = field(default_factory=dict)  # other success codes and what they mean
 
     @property
     def path_params(self) -> list[str]:
@@ -740,6 +798,21 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/runs/{run_id}/dose.npz", get_dose_npz,
           "The run's 3-D dose (total Gy, float32, (z, y, x) on the CT grid) as a NumPy .npz with `dose_3d_gy`.",
           "runs", ok_content_type="application/octet-stream", errors=(400, 404)),
+    Route("GET", "/api/runs/{run_id}/full_dose", get_full_dose,
+          "The run's full-resolution evaluation (every dose voxel, every original beamlet): status ready with its "
+          "DVH, metrics and criteria, or pending / not_computed.", "runs",
+          ok_schema={"$ref": "#/components/schemas/FullDose"}, errors=(400, 404)),
+    Route("POST", "/api/runs/{run_id}/full_dose", post_full_dose,
+          "Queue the run's full-resolution dose reconstruction (a job of kind dose; 200 when already computed). "
+          "The reply's Location header is the job's URL.", "runs",
+          ok_status=202, ok_schema={"type": "object", "properties": {
+              "run_id": {"type": "string"}, "status": {"type": "string"}, "job_id": {"type": "string"},
+              "url": {"type": "string"}}}, errors=(400, 404),
+          also_ok={200: "Already computed: nothing queued; `url` is the evaluation's."}),
+    Route("GET", "/api/runs/{run_id}/full_dose.npz", get_full_dose_npz,
+          "The run's full-resolution 3-D dose (total Gy, float32, (z, y, x) on the CT grid) as a NumPy .npz with "
+          "`dose_3d_gy`; 404 until computed.", "runs", ok_content_type="application/octet-stream",
+          errors=(400, 404)),
 )
 
 
@@ -808,6 +881,10 @@ def component_schemas() -> dict:
         },
         "Submission": {"oneOf": [{"$ref": "#/components/schemas/RunConfig"},
                                  {"$ref": "#/components/schemas/PartialSubmission"}]},
+        "FullDose": {"type": "object", "properties": {
+            "run_id": {"type": "string"}, "status": {"enum": ["ready", "pending", "not_computed"]},
+            "dvh": _RECORDS, "metrics": _RECORDS, "criteria": _RECORDS, "dose_url": {"type": "string"},
+            "job_url": {"type": ["string", "null"]}, "message": {"type": "string"}}},
         "Submitted": {"type": "object", "properties": {
             "job_id": {"type": "string"}, "status": {"type": "string"}, "url": {"type": "string"},
             "config_hash": {"type": "string"}}},
@@ -869,6 +946,9 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES) -> dict:
         if r.ok_status == 202:
             ok["headers"] = {"Location": {"description": "URL of the new job.", "schema": {"type": "string"}}}
         responses: dict[str, Any] = {str(r.ok_status): ok}
+        for code, meaning in r.also_ok.items():
+            responses[str(code)] = {"description": meaning,
+                                    "content": {"application/json": {"schema": r.ok_schema or _OBJ}}}
         for code in sorted({*r.errors, 401, 500}):
             responses[str(code)] = {"description": _STATUS_TEXT[code], "content": error_ref}
         op: dict[str, Any] = {"operationId": r.operation_id, "summary": r.summary, "tags": [r.tag],

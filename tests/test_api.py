@@ -280,6 +280,40 @@ def test_submit_poll_done_and_read_the_run(client, done_job, case_dir):
     assert dose.max() == pytest.approx(max(m["max_gy"] for m in metrics), rel=0.05)
 
 
+def test_full_resolution_dose_of_a_run(client, done_job, case_dir):
+    run_id = done_job["job"]["run_id"]
+    url = f"/api/runs/{run_id}/full_dose"
+    before = strict_json(client.get(url))
+    assert before["status"] == "not_computed" and f"POST /api/runs/{run_id}/full_dose" in before["message"]
+    err = error_of(client.get(f"{url}.npz"), 404)
+    assert err["field"] == "run_id" and "not computed" in err["message"]
+
+    queued = client.post(url)
+    assert queued.status_code == 202, queued.text
+    body = strict_json(queued)
+    assert queued.headers["location"] == body["url"] == f"/api/jobs/{body['job_id']}"
+    assert strict_json(client.post(url)).get("job_id") in (body["job_id"], None)  # the same job, or done already
+    if strict_json(client.get(url))["status"] == "pending":
+        assert strict_json(client.get(url))["job_url"] == body["url"]
+    final = wait_for_job(client, body["url"])
+    assert final["job"]["status"] == "done" and final["job"]["kind"] == "dose", final["job"].get("error")
+
+    ready = strict_json(client.get(url))
+    assert ready["status"] == "ready" and ready["dose_url"] == f"{url}.npz"
+    opt_metrics = strict_json(client.get(f"/api/runs/{run_id}/metrics"))["records"]
+    full_ptv = next(m for m in ready["metrics"] if m["structure"] == "PTV")
+    opt_ptv = next(m for m in opt_metrics if m["structure"] == "PTV")
+    assert full_ptv["mean_gy"] == pytest.approx(opt_ptv["mean_gy"], rel=0.15)
+    assert ready["dvh"] != strict_json(client.get(f"/api/runs/{run_id}/dvh"))["records"]
+    import io
+
+    with np.load(io.BytesIO(client.get(f"{url}.npz").content), allow_pickle=False) as npz:
+        assert npz["dose_3d_gy"].shape == cases.case_info(CASE).ct_shape_zyx
+    again = client.post(url)
+    assert again.status_code == 200 and strict_json(again)["status"] == "ready"
+    error_of(client.get(f"/api/runs/{UNKNOWN_RUN}/full_dose"), 404)
+
+
 def test_runs_query(client, done_job):
     run_id = done_job["job"]["run_id"]
     where = f"n_beams = 2 AND case_id = '{CASE}'"
@@ -410,7 +444,7 @@ def test_openapi_lists_every_route(client, done_job, reference_reply):
     assert doc["openapi"].startswith("3.1")
     documented = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     assert documented == {(r.path, r.method) for r in api.ROUTES}
-    assert len(documented) == len(api.ROUTES) == 18
+    assert len(documented) == len(api.ROUTES) == 21
 
     text = json.dumps(doc)
     for ref in set(re.findall(r'"\$ref": "#/components/schemas/(\w+)"', text)):
