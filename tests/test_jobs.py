@@ -367,6 +367,48 @@ def test_dask_backend_runs_jobs_on_any_and_on_a_named_worker(data_root):
     print(f"\nDask: two workers up, two jobs done, one cancelled, cluster down in {time.monotonic() - t0:.1f} s")
 
 
+def test_dask_worker_without_the_apps_data_directory_sends_results_back(data_root, portpy_dir, tmp_path):
+    """A Dask worker on a machine that cannot see the app's store (its own data directory, holding the case):
+    the optimisation's run folder and a full-resolution dose come back through Dask into the app's store."""
+    from distributed import LocalCluster
+
+    from vmat_core import runner
+    from vmat_core.jobs import store_id
+
+    elsewhere = tmp_path / "worker-data"
+    elsewhere.mkdir()
+    (elsewhere / "portpy").symlink_to(portpy_dir, target_is_directory=True)
+    app_runs = RunStore()
+    earlier_run = next(r.run_id for r in get_job_client().list_jobs(status="done") if r.kind == "optimise")
+    assert app_runs.exists(earlier_run) and runner.read_full_dose(earlier_run) is None
+    # Same machine, so the worker could see the app's folder: SHIP_RUNS makes it behave as another machine would.
+    env = {"VMAT_DATA_DIR": str(elsewhere), "VMAT_DASK_SHIP_RUNS": "1"}
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None, env=env) as cluster:
+        dask_client = get_job_client(scheduler=cluster.scheduler_address)
+        job_id = dask_client.submit(config(*TINY, "solver.time_limit_s=26", "label=from elsewhere"))
+        run_id = dask_client.result(job_id, timeout_s=180)
+        assert app_runs.exists(run_id), "the run folder came back into the app's store"
+        assert app_runs.read_metadata(run_id)["label"] == "from elsewhere"
+        worker_store = RunStore(elsewhere / "runs")
+        assert worker_store.exists(run_id) and worker_store.root != app_runs.root
+        assert app_runs.read_arrays(run_id, ["fluence"])["fluence"].tolist() == \
+            worker_store.read_arrays(run_id, ["fluence"])["fluence"].tolist()
+        assert app_runs.list_runs(where="label = 'from elsewhere'")["run_id"].tolist() == [run_id]
+
+        # A dose job on a run the worker has never seen: the run goes with the task, the dose comes back.
+        assert not worker_store.exists(earlier_run)
+        dose_id = dask_client.submit_dose(earlier_run)
+        rec = wait_for(lambda: (r := dask_client.status(dose_id)).status in ("done", "failed") and r, 180,
+                       "the Dask dose job")
+        assert rec.status == "done", rec.error
+        full = runner.read_full_dose(earlier_run)
+        assert full is not None and full["dose_3d_gy"].ndim == 3
+        assert worker_store.exists(earlier_run)
+        dask_client.close()
+    assert (data_root / "jobs" / "store_id").read_text() == store_id()
+
+
 def test_lease_gives_each_job_to_exactly_one_worker(tmp_path):
     """Four processes lease from one queue at once: every job is taken once, pinned jobs only by their worker."""
     import subprocess

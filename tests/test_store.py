@@ -99,6 +99,36 @@ def test_every_artifact_kind_round_trips(runs_root: Path) -> None:
         store.read_table(run_id, "criteria")
 
 
+def test_a_run_moves_between_stores_whole(runs_root: Path, tmp_path: Path) -> None:
+    """export_run / import_run: what a Dask worker without the app's data directory sends back."""
+    here = RunStore(runs_root)
+    run_id = _write(here, 7, objective=12.5)
+    files = here.export_run(run_id)
+    assert set(files) == set(here.list_artifacts(run_id)) and "config.json" in files and "run.parquet" in files
+
+    there = RunStore(tmp_path / "other-runs")
+    path = there.import_run(run_id, files)
+    assert path == there.root / run_id and there.exists(run_id)
+    assert there.read_metadata(run_id) == here.read_metadata(run_id)
+    assert there.read_config(run_id) == here.read_config(run_id)
+    assert there.list_runs(where="objective = 12.5")["run_id"].tolist() == [run_id]
+    with pytest.raises(RunExists):
+        there.import_run(run_id, files)
+
+    # Bad payloads leave nothing behind, visible or hidden.
+    other = new_run_id("abc")
+    for bad, message in [
+        ({**files, "../escape": b"x"}, "not a file name"),
+        ({k: v for k, v in files.items() if k != "run.parquet"}, "needs run.parquet"),
+        ({**files, "config.json": b"{not json"}, "not a readable run"),
+        (files, "not a readable run"),  # its metadata names another run
+        ({}, "non-empty"),
+    ]:
+        with pytest.raises((ValueError, InvalidName), match=message):
+            there.import_run(other, bad)
+    assert sorted(p.name for p in there.root.iterdir()) == [run_id]
+
+
 def test_new_run_ids_are_strict_unique_and_carry_the_utc_time() -> None:
     ids = {new_run_id("same-config", T0) for _ in range(2000)}
     assert len(ids) == 2000

@@ -56,6 +56,40 @@ BACKENDS = ("embedded", "dask")
 WORKER_STATES = ("starting", "idle", "busy", "stopped", "dead")
 
 SCHEDULER_ENV = "VMAT_DASK_SCHEDULER"
+# On a Dask worker: "1" sends every run back to the app through Dask even when the app's data directory path
+# exists on this machine (a same-named but different folder).
+SHIP_RUNS_ENV = "VMAT_DASK_SHIP_RUNS"
+STORE_ID_FILE = "store_id"
+
+
+def store_id(data_dir: Path | None = None) -> str:
+    """A random id of this data directory, made once: a Dask worker that reads the same id through the same path
+    shares the app's store and writes runs into it; any other worker sends its runs back through Dask."""
+    path = Path(data_dir or paths.data_dir()) / "jobs" / STORE_ID_FILE
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{STORE_ID_FILE}-{os.getpid()}-{secrets.token_hex(3)}")
+    tmp.write_text(secrets.token_hex(16), encoding="ascii")
+    try:
+        os.link(tmp, path)  # the first writer wins; a racing one reads the winner's id
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text(encoding="ascii").strip()
+
+
+def shares_store(data_dir: str | None, expected_id: str | None) -> bool:
+    """Whether ``data_dir`` on this machine is the app's data directory (same path, same store id)."""
+    if not data_dir or not expected_id or os.environ.get(SHIP_RUNS_ENV) == "1":
+        return False
+    try:
+        return (Path(data_dir) / "jobs" / STORE_ID_FILE).read_text(encoding="ascii").strip() == expected_id
+    except OSError:
+        return False
 HEARTBEAT_INTERVAL_S = 2.0
 # Five missed heartbeats: long enough for a loaded 2-core machine, short enough to report a dead worker in 30 s.
 HEARTBEAT_TIMEOUT_S = 10.0
@@ -747,8 +781,12 @@ class DaskJobClient(JobClient):
         if not created:
             return job_id
         try:
+            from vmat_core.store import RunStore
+
+            # A worker that does not share this data directory gets the run a dose job needs (a few hundred kB).
+            run_files = RunStore().export_run(cfg_dict["run_id"]) if kind == "dose" else None
             future = self.client.submit(
-                run_dask_job, job_id, kind, cfg_dict, str(paths.data_dir()),
+                run_dask_job, job_id, kind, cfg_dict, str(paths.data_dir()), store_id(), run_files,
                 key=job_id, pure=False, workers=[target] if target else None, allow_other_workers=False,
                 retries=0,
             )
@@ -843,7 +881,8 @@ class DaskJobClient(JobClient):
             elif kind == "pid":
                 changes["solver_pid"] = item.get("pid")
             elif kind == "result":
-                result = item
+                # A result with files to bring home is finished from the task's return value (it carries them).
+                result = None if item.get("shipped") else item
         d = self.ledger.get(job_id)
         if d is None or d["status"] in TERMINAL_STATES:
             return
@@ -855,9 +894,29 @@ class DaskJobClient(JobClient):
             self._finish(job_id, result)
 
     def _finish(self, job_id: str, result: dict) -> None:
-        self.ledger.finish(job_id, result.get("status", "failed"), run_id=result.get("run_id"),
-                           error=result.get("error"))
+        status, error = result.get("status", "failed"), result.get("error")
+        try:
+            self._bring_home(result)
+        except Exception as e:  # noqa: BLE001 - the job's outcome must still be recorded, with why
+            status, error = "failed", f"the worker's results could not be stored here: {e!r}\n{traceback.format_exc()}"
+        self.ledger.finish(job_id, status, run_id=result.get("run_id"), error=error)
         self._unwatch(job_id)
+
+    @staticmethod
+    def _bring_home(result: dict) -> None:
+        """Store what a worker without this data directory sent back: its run folder, a full-resolution dose."""
+        from vmat_core.store import RunStore
+
+        run_id = result.get("run_id")
+        files = result.get("run_files")
+        if run_id and files:
+            store = RunStore()
+            if not store.exists(run_id):
+                store.import_run(run_id, files)
+        if run_id and result.get("full_dose"):
+            from vmat_core import runner
+
+            runner.import_full_dose(run_id, result["full_dose"])
 
     def _check_futures(self) -> None:
         now = time.time()

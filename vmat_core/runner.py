@@ -617,6 +617,27 @@ def reconstruct_full_dose(run_id: str, *, store=None, portpy_dir: Path | None = 
     return _read_full_dose(target)
 
 
+def export_full_dose(run_id: str, store=None) -> bytes | None:
+    """The stored full-resolution dose file of a run (None when not computed), to move it to another machine."""
+    path = full_dose_path(run_id, store)
+    return path.read_bytes() if path.is_file() else None
+
+
+def import_full_dose(run_id: str, data: bytes, store=None) -> Path:
+    """Store a full-resolution dose file made elsewhere (checked readable first; an existing one is kept)."""
+    target = full_dose_path(run_id, store)
+    if not target.is_file():
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                missing = {"dose_3d_gy", "dvh_json", "metrics_json", "criteria_json"} - set(z.files)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"full dose of run {run_id}: not a readable .npz ({exc})") from exc
+        if missing:
+            raise ValueError(f"full dose of run {run_id}: missing {', '.join(sorted(missing))}")
+        _atomic_write_bytes(target, data)
+    return target
+
+
 def read_full_dose(run_id: str, *, store=None, with_dose: bool = True) -> dict | None:
     """The run's full-resolution dose if it has been reconstructed, else None; never computes it.
 

@@ -28,7 +28,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -897,14 +897,7 @@ class RunStore:
             for name, obj in (json_files or {}).items()
         }
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / run_id
-        if final.exists() or final.is_symlink():
-            raise RunExists(f"run_id: run {run_id} already exists in {self.root}; runs are never overwritten")
-        tmp = self.root / f"{_TMP_PREFIX}{run_id}-{os.getpid()}-{secrets.token_hex(3)}"
-        tmp.mkdir()
-        try:
-            sync = self.fsync
+        def write(tmp: Path, sync: bool) -> None:
             _write_file(tmp / CONFIG_FILE, lambda fh: fh.write(config_bytes), sync)
             _write_file(tmp / METADATA_FILE, lambda fh: pq.write_table(row, fh), sync)
             for name, table in table_data.items():
@@ -917,6 +910,21 @@ class RunStore:
                 _write_file(
                     tmp / ARRAYS_FILE, lambda fh: np.savez_compressed(fh, allow_pickle=False, **arrays), sync
                 )
+
+        return self._commit(run_id, write)
+
+    def _commit(self, run_id: str, write: Callable[[Path, bool], None]) -> Path:
+        """Write a run folder through ``write(tmp_dir, fsync)`` in a hidden temporary folder, then rename it into
+        place: a crash leaves no partial run visible, and an existing run is never overwritten."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / run_id
+        if final.exists() or final.is_symlink():
+            raise RunExists(f"run_id: run {run_id} already exists in {self.root}; runs are never overwritten")
+        tmp = self.root / f"{_TMP_PREFIX}{run_id}-{os.getpid()}-{secrets.token_hex(3)}"
+        tmp.mkdir()
+        try:
+            sync = self.fsync
+            write(tmp, sync)
             _fsync_dir(tmp, sync)
             try:
                 # rename() replaces an empty directory silently; the exists() check above covers that case
@@ -931,6 +939,41 @@ class RunStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    # ------------------------------------------------------------------------------------- moving runs
+
+    def export_run(self, run_id: str) -> dict[str, bytes]:
+        """The run folder's files (name -> content), for :meth:`import_run` into another store (a Dask worker
+        that does not share the app's data directory sends its runs back this way)."""
+        return {name: self.artifact_path(run_id, name).read_bytes() for name in self.list_artifacts(run_id)}
+
+    def import_run(self, run_id: str, files: Mapping[str, bytes]) -> Path:
+        """Add a run exported by :meth:`export_run` (atomically, never over an existing run).
+
+        File names are checked like artifact names (no separators, '..' or hidden files); the folder must hold
+        a config and a metadata row of this run id, read back before it becomes visible."""
+        check_run_id(run_id)
+        if not isinstance(files, Mapping) or not files:
+            raise ValueError("files: expected the run's files as a non-empty dict of name -> bytes")
+        for name, data in files.items():
+            if not isinstance(name, str) or not _ARTIFACT_RE.fullmatch(name):
+                raise InvalidName(f"files: {_short(name)} is not a file name of a run folder")
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"files[{name!r}]: expected bytes, got {type(data).__name__}")
+        for required in (CONFIG_FILE, METADATA_FILE):
+            if required not in files:
+                raise ValueError(f"files: a run folder needs {required}; got {', '.join(sorted(files))}")
+
+        def write(tmp: Path, sync: bool) -> None:
+            for name, data in files.items():
+                _write_file(tmp / name, lambda fh, d=data: fh.write(d), sync)
+            try:
+                json.loads((tmp / CONFIG_FILE).read_text(encoding="utf-8"))
+                _read_row(tmp, run_id)
+            except (CorruptRun, ValueError) as exc:
+                raise ValueError(f"files: not a readable run {run_id}: {exc}") from exc
+
+        return self._commit(run_id, write)
 
     # ---------------------------------------------------------------------------------------------- read
 

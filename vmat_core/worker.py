@@ -553,12 +553,18 @@ class _DaskPublisher:
         self._flush()
 
 
-def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = None) -> dict:
+def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = None,
+                 app_store_id: str | None = None, run_files: dict[str, bytes] | None = None) -> dict:
     """The Dask task of a job: runs the solve process on this Dask worker and reports back through events.
 
-    The run is written into ``data_dir`` (the submitting app's data directory) when this machine can see it
-    (same machine or a shared filesystem), else into the worker's own ``$VMAT_DATA_DIR``."""
+    When this machine sees the submitting app's data directory (same machine or a shared filesystem: the same
+    path holds the same store id), the run is written straight into it. Otherwise the job runs in the worker's
+    own ``$VMAT_DATA_DIR`` (which must hold the case) and its results travel back in the return value: the run
+    folder's files, or a full-resolution dose (whose run, ``run_files``, came with the task)."""
     from distributed import Event, get_client, get_worker
+
+    from vmat_core.jobs import shares_store
+    from vmat_core.store import RunStore
 
     worker = get_worker()
     client = get_client()
@@ -580,8 +586,11 @@ def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = No
 
     threading.Thread(target=watch_cancel, name=f"cancel-{job_id}", daemon=True).start()
     env = dict(os.environ)
-    if data_dir and Path(data_dir).is_dir():
+    shared = shares_store(data_dir, app_store_id)
+    if shared:
         env[paths.DATA_DIR_ENV] = data_dir
+    elif kind == "dose" and run_files and not RunStore().exists(config["run_id"]):
+        RunStore().import_run(config["run_id"], run_files)
     try:
         proc = _take_dask_spare(env)
         pub.put({"type": "pid", "pid": proc.pid}, now=True)
@@ -595,7 +604,21 @@ def run_dask_job(job_id: str, kind: str, config: dict, data_dir: str | None = No
         result = {"status": "failed", "run_id": None, "error": f"{e!r}\n{traceback.format_exc()}"}
     finally:
         finished.set()
-    pub.put({"type": "result", **result})
+    if not shared and result.get("run_id"):
+        try:
+            if kind == "dose":
+                from vmat_core import runner
+
+                result["full_dose"] = runner.export_full_dose(result["run_id"])
+            else:
+                result["run_files"] = RunStore().export_run(result["run_id"])
+        except Exception as e:  # noqa: BLE001 - the job then fails with the reason, rather than vanish
+            result = {"status": "failed", "run_id": result["run_id"],
+                      "error": f"the results could not be sent back from {hostname()}: {e!r}"}
+    # The app finishes a job from its return value when files come with it; the event only says so.
+    shipped = bool(result.get("run_files") or result.get("full_dose"))
+    pub.put({"type": "result", "shipped": shipped,
+             **{k: v for k, v in result.items() if k not in ("run_files", "full_dose")}})
     pub.close()
     _leave_dask_spare(env)
     return result
