@@ -315,6 +315,30 @@ def test_cli_lists_jobs(client, capsys):
     assert any(" idle " in line or " busy " in line for line in out.splitlines()[2:])
 
 
+def test_cli_full_dose_queues_follows_and_prints(client, worker_pids, capsys):
+    from vmat_core import runner
+
+    run_id = next(r.run_id for r in client.list_jobs(status="done")
+                  if r.kind == "optimise" and runner.read_full_dose(r.run_id) is None)
+    parser = argparse.ArgumentParser()
+    add_cli_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["full-dose", run_id, "--wait"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    job_id = out[0]
+    assert client.status(job_id).kind == "dose" and client.status(job_id).status == "done"
+    assert any(line.startswith("done ") for line in out)
+    assert f"run {run_id}: full-resolution dose" in "\n".join(out)
+    ptv = next(line.split() for line in out if line.startswith("PTV "))
+    full = runner.read_full_dose(run_id, with_dose=False)
+    assert float(ptv[2]) == pytest.approx(full["metrics"].set_index("structure").loc["PTV", "mean_gy"], abs=0.01)
+    # Computed already: printed straight away, nothing queued.
+    before = len(client.ledger.job_ids())
+    args = parser.parse_args(["full-dose", run_id])
+    assert args.func(args) == 0 and len(client.ledger.job_ids()) == before
+    assert "PTV " in capsys.readouterr().out
+
+
 def test_dask_backend_runs_jobs_on_any_and_on_a_named_worker(data_root):
     from distributed import LocalCluster
 

@@ -37,6 +37,7 @@ import platform
 import queue
 import secrets
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -1207,6 +1208,13 @@ def cmd_submit(args) -> int:
     print(job_id, flush=True)
     if not args.wait:
         return 0
+    rec = _follow(client, job_id)
+    print(json.dumps({"status": rec.status, "run_id": rec.run_id, "error": rec.error}, indent=2))
+    return 0 if rec.status == "done" else 1
+
+
+def _follow(client: JobClient, job_id: str) -> JobRecord:
+    """Print a line whenever the job's status, phase, incumbent or gap changes, until it ends."""
     last = None
     while True:
         rec = client.status(job_id)
@@ -1216,10 +1224,37 @@ def cmd_submit(args) -> int:
             print(line, flush=True)
             last = line
         if rec.status in TERMINAL_STATES:
-            break
+            return rec
         time.sleep(1.0)
-    print(json.dumps({"status": rec.status, "run_id": rec.run_id, "error": rec.error}, indent=2))
-    return 0 if rec.status == "done" else 1
+
+
+def cmd_full_dose(args) -> int:
+    from vmat_core import runner
+
+    if args.here:
+        full = runner.reconstruct_full_dose(args.run_id)
+    else:
+        client = get_job_client(scheduler=args.scheduler)
+        full = runner.read_full_dose(args.run_id, with_dose=False)
+        if full is None:
+            job_id = client.submit_dose(args.run_id, worker=args.worker)
+            print(job_id, flush=True)
+            if not args.wait:
+                return 0
+            rec = _follow(client, job_id)
+            if rec.status != "done":
+                print(f"{job_id}: {rec.status}: {rec.error}", file=sys.stderr)
+                return 1
+            full = runner.read_full_dose(args.run_id, with_dose=False)
+    m = full["metrics"]
+    cols = [c for c in ("structure", "volume_cc", "mean_gy", "max_gy", "d95_gy", "v100_pct") if c in m.columns]
+    rows = [{c: ("-" if isinstance(v, float) and math.isnan(v) else f"{v:.2f}" if isinstance(v, float) else str(v))
+             for c, v in r.items()} for r in m[cols].to_dict("records")]
+    crit = full["criteria"]
+    print(f"run {args.run_id}: full-resolution dose (every dose voxel, every beamlet)")
+    print(_fmt_table(rows, cols))
+    print("criteria: " + ", ".join(f"{n} {k}" for k, n in crit["status"].value_counts().items()))
+    return 0
 
 
 def cmd_cancel(args) -> int:
@@ -1254,6 +1289,16 @@ def add_cli_commands(subparsers) -> None:
     s.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     s.add_argument("--scheduler", default=None, help=sched_help)
     s.set_defaults(func=cmd_submit)
+
+    s = subparsers.add_parser(
+        "full-dose", help="a run's full-resolution dose (every dose voxel and beamlet): queue it as a job "
+                          "(prints the job id), or print its metrics once computed")
+    s.add_argument("run_id")
+    s.add_argument("--wait", action="store_true", help="follow the job and print the metrics when it lands")
+    s.add_argument("--here", action="store_true", help="compute it in this process instead of a job")
+    s.add_argument("--worker", help="run only on this worker (name, or Dask worker address)")
+    s.add_argument("--scheduler", default=None, help=sched_help)
+    s.set_defaults(func=cmd_full_dose)
 
     s = subparsers.add_parser("cancel", help="cancel a queued or running job")
     s.add_argument("job_id")
