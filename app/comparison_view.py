@@ -14,7 +14,7 @@ import panel as pn
 import param
 
 from app import theme
-from app.criteria_view import scale_metrics
+from app.criteria_view import DOSE_METRICS, METRIC_TITLES, scale_metrics
 from app.dvh_view import dvh_curves, dvh_overlay
 from app.state import (
     FULL_GRID,
@@ -28,15 +28,7 @@ from app.state import (
 )
 
 NONE_LABEL = "—"
-COMPARED_METRICS = {
-    "mean_gy": "Mean (Gy)",
-    "max_gy": "Max (Gy)",
-    "d2cc_gy": "D2cc (Gy)",
-    "d95_gy": "D95 (Gy)",
-    "d98_gy": "D98 (Gy)",
-    "d2_gy": "D2 (Gy)",
-    "v100_pct": "V100 (%)",
-}
+COMPARED_METRICS = {k: METRIC_TITLES[k] for k in (*DOSE_METRICS, "v100_pct")}
 TARGET_METRICS = ("mean_gy", "d95_gy", "d98_gy", "d2_gy", "v100_pct", "max_gy")
 OAR_METRICS = ("mean_gy", "max_gy", "d2cc_gy")
 

@@ -27,6 +27,11 @@ POLL_PERIOD_MS = 1000
 _WORKERS_KEY = "vmat_embedded_workers"
 
 
+def record_workers(pids: list[int]) -> None:
+    """What the server started (maybe nothing): pages then start no workers of their own."""
+    pn.state.cache[_WORKERS_KEY] = list(pids)
+
+
 def ensure_workers(n: int = 1):
     """Start the embedded job workers once per process (``--dev`` reloads and new sessions reuse them).
 

@@ -57,13 +57,11 @@ def _origins(host: str, port: int, extra: list[str]) -> list[str]:
 
 
 def _start_workers(n: int) -> None:
-    import panel as pn
-
     from app import main
     from vmat_core import jobs
 
-    # Recorded before any session opens, so that a page does not start workers of its own (main.ensure_workers).
-    pn.state.cache[main._WORKERS_KEY] = []
+    # Recorded before any session opens, so that a page does not start workers of its own.
+    main.record_workers([])
     if n <= 0:
         return
     if os.environ.get(jobs.SCHEDULER_ENV):
@@ -71,7 +69,7 @@ def _start_workers(n: int) -> None:
               flush=True)
         return
     started = jobs.start_embedded_workers(n)
-    pn.state.cache[main._WORKERS_KEY] = started
+    main.record_workers(started)
     if started:
         print(f"Started {len(started)} job worker(s): pid {', '.join(map(str, started))}", flush=True)
 

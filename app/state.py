@@ -303,7 +303,7 @@ class PlanState(param.Parameterized):
             self.param.update(show_reference=True, notice="")
             return
         self.param.update(loading=True, notice="Loading the reference plan…")
-        self._reference_future = _executor().submit(_load_reference, self.case_id)
+        self._reference_future = _executor().submit(plan_data, self.case_id, REFERENCE)
         self._reference_case = self.case_id
 
     def _check_reference(self) -> None:
@@ -647,30 +647,16 @@ def plan_data(case_id: str, plan_id: str, grid: str = OPTIMISATION_GRID) -> dict
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
         return hit
-    if grid == FULL_GRID and plan_id == REFERENCE:
-        base = plan_data(case_id, REFERENCE, OPTIMISATION_GRID)
-        full = _reference_tables(case_id).get("full") if base is not None else None
-        if not full:  # a cache written before the reference had full-resolution tables
-            return base
-        data = {**base, **full, "grid": FULL_GRID, "grid_label": "full resolution (CT grid)"}
-    elif grid == FULL_GRID:
+    if plan_id == REFERENCE:
+        # One read of the reference's evaluation gives both grids; both go into the cache together.
+        both = _reference_plan_data(case_id)
+        for g, d in both.items():
+            _cache_plan((case_id, REFERENCE, g), d)
+        return both[grid]
+    if grid == FULL_GRID:
         data = _full_plan_data(case_id, plan_id)
         if data is None:  # not computed (yet): not cached under the full grid, so it shows once it lands
             return plan_data(case_id, plan_id, OPTIMISATION_GRID)
-    elif plan_id == REFERENCE:
-
-        ref = _reference_tables(case_id)
-        data = {
-            "dvh": ref["dvh"],
-            "metrics": ref["metrics"],
-            "criteria": ref["criteria"],
-            "metadata": {"status": "reference"},
-            "prescription_gy": float(ref["prescription_gy"]),
-            "label": "Reference plan",
-            "grid": OPTIMISATION_GRID,
-            "grid_label": optimisation_grid_label(REFERENCE_VOXEL_FACTORS),
-            "voxel_factors": REFERENCE_VOXEL_FACTORS,
-        }
     else:
         store = run_store()
         try:
@@ -697,24 +683,34 @@ def plan_data(case_id: str, plan_id: str, grid: str = OPTIMISATION_GRID) -> dict
         data = {**tables, "metadata": meta, "prescription_gy": float(pres) if pres else float("nan"),
                 "label": run_label(meta, with_badge=False), "grid": OPTIMISATION_GRID,
                 "grid_label": optimisation_grid_label(factors), "voxel_factors": factors}
-    if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+    _cache_plan(key, data)
+    return data
+
+
+def _cache_plan(key: tuple[str, str, str], data: dict) -> None:
+    if key not in _PLAN_CACHE and len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
         _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
     _PLAN_CACHE[key] = data
-    return data
 
 
-def _load_reference(case_id: str) -> dict | None:
-    """Both evaluations of the reference plan into the cache (the first is minutes of work on a new case)."""
-    data = plan_data(case_id, REFERENCE, OPTIMISATION_GRID)
-    if data is not None:
-        plan_data(case_id, REFERENCE, FULL_GRID)
-    return data
-
-
-def _reference_tables(case_id: str) -> dict:
+def _reference_plan_data(case_id: str) -> dict[str, dict]:
+    """The reference plan's tables on both grids, from one evaluation (minutes of work the first time)."""
     from vmat_core import runner
 
-    return runner.reference_plan(case_id, voxel_down_sample_factors=REFERENCE_VOXEL_FACTORS)
+    ref = runner.reference_plan(case_id, voxel_down_sample_factors=REFERENCE_VOXEL_FACTORS)
+    opt = {
+        "dvh": ref["dvh"],
+        "metrics": ref["metrics"],
+        "criteria": ref["criteria"],
+        "metadata": {"status": "reference"},
+        "prescription_gy": float(ref["prescription_gy"]),
+        "label": "Reference plan",
+        "grid": OPTIMISATION_GRID,
+        "grid_label": optimisation_grid_label(REFERENCE_VOXEL_FACTORS),
+        "voxel_factors": REFERENCE_VOXEL_FACTORS,
+    }
+    full = {**opt, **ref["full"], "grid": FULL_GRID, "grid_label": "full resolution (CT grid)"}
+    return {OPTIMISATION_GRID: opt, FULL_GRID: full}
 
 
 def _full_plan_data(case_id: str, run_id: str) -> dict | None:

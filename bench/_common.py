@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,3 +42,13 @@ def scratch_data_dir(prefix: str, *, link_cases: bool = True, ensure_phantom: bo
         else:
             os.environ[paths.DATA_DIR_ENV] = previous
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def median_time(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    """(median wall time in seconds over ``repeat`` calls of ``fn``, the last call's result)."""
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result

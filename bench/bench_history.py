@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from _common import scratch_data_dir
+from _common import median_time, scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -84,15 +83,6 @@ def build_store(root: Path, n: int, workers: int) -> float:
     return time.perf_counter() - started
 
 
-def _median(fn, repeat: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10_000)
@@ -128,34 +118,34 @@ def main() -> None:
         cols = [c for c in page._columns for c in c.sources]
         cols = list(dict.fromkeys(cols))
 
-        secs, df = _median(lambda: store.list_runs(where, columns=cols, order_by=order, limit=50, offset=100,
+        secs, df = median_time(lambda: store.list_runs(where, columns=cols, order_by=order, limit=50, offset=100,
                                                    params=params), args.repeat)
         rows.append(("DuckDB: filtered, sorted page (list_runs, limit 50, offset 100)", secs, f"{len(df)} rows"))
-        secs, count = _median(lambda: store.count_runs(where, params=params), args.repeat)
+        secs, count = median_time(lambda: store.count_runs(where, params=params), args.repeat)
         rows.append(("DuckDB: count of the same filter (pager)", secs, f"= {count}"))
 
         def turn_page() -> int:
             grid.page = 2 if grid.page != 2 else 3
             return len(grid.value)
 
-        secs, n = _median(turn_page, args.repeat)
+        secs, n = median_time(turn_page, args.repeat)
         rows.append(("grid: next page (count + page query + display frame)", secs,
                      f"{n} rows, {page.matching_runs} match, {n_pages} pages"))
 
         scatter_cols = ["run_id", "PTV_d95_gy", "CORD_max_gy", "gap", "status", "objective", "bound",
                         "w_CORD_quadratic"]
-        secs, df = _median(lambda: store.list_runs(columns=scatter_cols, order_by="run_id"), args.repeat)
+        secs, df = median_time(lambda: store.list_runs(columns=scatter_cols, order_by="run_id"), args.repeat)
         rows.append(("DuckDB: scatter columns of all runs", secs, f"{len(df)} points"))
         page.param.trigger("clear_where")
         grid.filters = []
-        secs, df = _median(page.scatter_data, args.repeat)
+        secs, df = median_time(page.scatter_data, args.repeat)
         rows.append(("page: scatter query (x, y, colour, gap, bound; all runs)", secs, f"{len(df)} points"))
-        secs, overlay = _median(lambda: parameter_space_plot(df, "PTV_d95_gy", "CORD_max_gy", "w_CORD_quadratic",
+        secs, overlay = median_time(lambda: parameter_space_plot(df, "PTV_d95_gy", "CORD_max_gy", "w_CORD_quadratic",
                                                              5.0), max(3, args.repeat // 4))
         rows.append(("HoloViews: build the scatter elements", secs, f"{len(df)} points"))
-        secs, _ = _median(lambda: hv.render(overlay), 3)
+        secs, _ = median_time(lambda: hv.render(overlay), 3)
         rows.append(("Bokeh: render the scatter figure (server side)", secs, ""))
-        secs, _ = _median(lambda: hv.render(parameter_space_plot(df, "PTV_d95_gy", "objective", None, 5.0)), 3)
+        secs, _ = median_time(lambda: hv.render(parameter_space_plot(df, "PTV_d95_gy", "objective", None, 5.0)), 3)
         rows.append(("Bokeh: objective axis with bound intervals, built + rendered", secs, ""))
 
     print(f"History page benchmark: {args.runs} runs; target ≤ {TARGET_MS:.0f} ms per query; medians of "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _common import scratch_data_dir
+from _common import median_time, scratch_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -103,15 +102,6 @@ def _forget_caches() -> None:
     store_mod._CACHES.clear()
 
 
-def _time(fn, repeat: int = 1) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10_000)
@@ -144,24 +134,24 @@ def main() -> None:
 
         shutil.rmtree(root / store_mod.INDEX_DIR, ignore_errors=True)
         _forget_caches()
-        secs, df = _time(page)
+        secs, df = median_time(page)
         rows.append(("filtered page, cold, no index yet (builds it)", secs, f"{len(df)} rows"))
         for label, fn in (("filtered page (limit 50)", page), ("count of the filter", count),
                           ("scatter: 2 columns, all runs", scatter)):
             _forget_caches()
-            secs, result = _time(fn)
+            secs, result = median_time(fn)
             size = f"{len(result)} rows" if isinstance(result, pd.DataFrame) else f"= {result}"
             rows.append((f"{label}, cold (index on disk)", secs, size))
-            secs, result = _time(fn, repeat=20)
+            secs, result = median_time(fn, repeat=20)
             rows.append((f"{label}, warm (median of 20)", secs, size))
 
         _forget_caches()
         run_id = new_run_id("one-more")
         store.write_run(run_id, config={}, metadata=_metadata(n_runs, datetime.now(UTC)))
-        secs, df = _time(page)
+        secs, df = median_time(page)
         rows.append(("filtered page right after a new run", secs, f"{len(df)} rows"))
 
-        secs, report = _time(store.reindex)
+        secs, report = median_time(store.reindex)
         rows.append(("reindex()", secs, f"{report['indexed']} runs, {len(report['skipped'])} skipped"))
 
         import duckdb
@@ -170,7 +160,7 @@ def main() -> None:
         glob = f"{root}/*/run.parquet"
         direct = (f"SELECT * FROM read_parquet('{glob}', union_by_name=true) WHERE {PAGE_WHERE} "
                   "ORDER BY created_at DESC LIMIT 50")
-        secs, df = _time(lambda: con.execute(direct).df(), repeat=3)
+        secs, df = median_time(lambda: con.execute(direct).df(), repeat=3)
         rows.append(("for comparison: DuckDB read_parquet glob, page", secs, f"{len(df)} rows"))
 
     print(f"Run store benchmark: {n_runs} runs in {root if args.root else 'a temporary folder'}")

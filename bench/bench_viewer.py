@@ -54,6 +54,13 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), p95, v[-1]
 
 
+def _slice_row(label: str, state, patches: _Patches, zs: list[int]) -> tuple[str, str, str]:
+    """A table row: slice changes over ``zs`` timed, with the size of what they send to the browser."""
+    change, patch = _time_slices(state, patches, zs)
+    return (label, "median {:.1f} / p95 {:.1f} / max {:.1f} ms".format(*_stats(change)),
+            f"patch median {_stats(patch)[0]:.1f} ms")
+
+
 def _time_slices(state, patches: _Patches, zs: list[int]) -> tuple[list[float], list[float]]:
     change, patch = [], []
     for z in zs:
@@ -119,14 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
         imaging.clear_caches()
         imaging.ct_volume(args.case)
-        c, p = _time_slices(state, patches, zs)
-        rows.append((f"slice change, CT + {n_struct} contours, first visit (traces contours)",
-                     "median {:.1f} / p95 {:.1f} / max {:.1f} ms".format(*_stats(c)),
-                     f"patch median {_stats(p)[0]:.1f} ms"))
-        c, p = _time_slices(state, patches, list(reversed(zs)))
-        rows.append((f"slice change, CT + {n_struct} contours, revisited",
-                     "median {:.1f} / p95 {:.1f} / max {:.1f} ms".format(*_stats(c)),
-                     f"patch median {_stats(p)[0]:.1f} ms"))
+        rows.append(_slice_row(f"slice change, CT + {n_struct} contours, first visit (traces contours)",
+                               state, patches, zs))
+        rows.append(_slice_row(f"slice change, CT + {n_struct} contours, revisited",
+                               state, patches, list(reversed(zs))))
 
         av.clear_dose_cache()
         t0 = time.perf_counter()
@@ -145,22 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         patches.serialise_ms()
 
         levels = len(state.isodose_levels_pct)
-        c, p = _time_slices(state, patches, zs)
-        rows.append((f"slice change + dose wash + {levels} isodose levels, first visit",
-                     "median {:.1f} / p95 {:.1f} / max {:.1f} ms".format(*_stats(c)),
-                     f"patch median {_stats(p)[0]:.1f} ms"))
-        c, p = _time_slices(state, patches, list(reversed(zs)))
-        rows.append((f"slice change + dose wash + {levels} isodose levels, revisited",
-                     "median {:.1f} / p95 {:.1f} / max {:.1f} ms".format(*_stats(c)),
-                     f"patch median {_stats(p)[0]:.1f} ms"))
+        rows.append(_slice_row(f"slice change + dose wash + {levels} isodose levels, first visit",
+                               state, patches, zs))
+        rows.append(_slice_row(f"slice change + dose wash + {levels} isodose levels, revisited",
+                               state, patches, list(reversed(zs))))
 
         state.param.update(compare_a=run_ids[0], compare_b=run_ids[1])
         viewer.show_difference = True
         patches.serialise_ms()
-        c, p = _time_slices(state, patches, zs)
-        rows.append(("slice change, difference map B − A",
-                     "median {:.1f} / p95 {:.1f} / max {:.1f} ms".format(*_stats(c)),
-                     f"patch median {_stats(p)[0]:.1f} ms"))
+        rows.append(_slice_row("slice change, difference map B − A", state, patches, zs))
         viewer.show_difference = False
         patches.serialise_ms()
 

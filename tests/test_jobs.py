@@ -102,6 +102,13 @@ def worker_id_of(client: JobClient, pid: int) -> str:
     return wait_for(find, 20, f"worker pid {pid} to heartbeat")
 
 
+def another_worker(client: JobClient, worker_pids: list[int], n_live: int) -> tuple[int, str]:
+    """Start one more embedded worker (``n_live`` in all) for this module: (pid, worker id once it heartbeats)."""
+    pid = start_embedded_workers(n_live)[0]
+    worker_pids.append(pid)
+    return pid, worker_id_of(client, pid)
+
+
 def test_invalid_config_raises_and_queues_nothing(client):
     before = client.ledger.job_ids()
     bad = config(*TINY).to_dict()
@@ -242,9 +249,7 @@ def test_two_jobs_run_in_parallel_on_two_workers(client, worker_pids):
 
 
 def test_killed_worker_makes_its_job_lost_and_others_go_on(client, worker_pids):
-    pid = start_embedded_workers(3)[0]
-    worker_pids.append(pid)
-    victim = worker_id_of(client, pid)
+    pid, victim = another_worker(client, worker_pids, 3)
     job_id = client.submit(config(*LONG, "mu_bound=2.5"), worker=victim)
     rec = wait_for(lambda: (r := client.status(job_id)).solver_pid and r.status == "running" and r, 60,
                    "the pinned job to start")
@@ -261,9 +266,7 @@ def test_killed_worker_makes_its_job_lost_and_others_go_on(client, worker_pids):
     wait_for(lambda: not pid_alive(solver_pid), 10, "the orphaned solve process to exit")
 
     # Nothing else is affected: a fresh worker takes the next job and finishes it.
-    fresh_pid = start_embedded_workers(3)[0]
-    worker_pids.append(fresh_pid)
-    fresh = worker_id_of(client, fresh_pid)
+    _, fresh = another_worker(client, worker_pids, 3)
     next_id = client.submit(config(*TINY, "solver.time_limit_s=22"), worker=fresh)
     assert RunStore().exists(client.result(next_id, timeout_s=120))
     assert client.status(next_id).worker_id == fresh
@@ -271,9 +274,7 @@ def test_killed_worker_makes_its_job_lost_and_others_go_on(client, worker_pids):
 
 
 def test_stopping_a_busy_worker_cancels_its_job_and_keeps_the_plan(client, worker_pids):
-    pid = start_embedded_workers(4)[0]
-    worker_pids.append(pid)
-    wid = worker_id_of(client, pid)
+    pid, wid = another_worker(client, worker_pids, 4)
     job_id = client.submit(config(*LONG, "mu_bound=2.2"), worker=wid)
     wait_for(lambda: solve_point(client, job_id), 240, "the solve to report an incumbent")
     solver_pid = client.status(job_id).solver_pid

@@ -584,14 +584,15 @@ class JobClient:
         return worker
 
     def _submit(self, kind: str, case_id: str, chash: str, cfg_dict: dict, worker: str | None) -> str:
-        target = self._check_worker(worker)
-        now = time.time()
-        rec = JobRecord(
-            job_id=new_job_id(now), kind=kind, case_id=case_id, config_hash=chash, config=cfg_dict,
-            status="queued", created_at=now, backend=self.backend, target_worker=target,
-        )
+        rec = self._new_record(kind, case_id, chash, cfg_dict, self._check_worker(worker))
         job_id, _ = self.ledger.create(rec, f"{kind}:{chash}", enqueue=True)
         return job_id
+
+    def _new_record(self, kind: str, case_id: str, chash: str, cfg_dict: dict, target: str | None,
+                    **extra: Any) -> JobRecord:
+        now = time.time()
+        return JobRecord(job_id=new_job_id(now), kind=kind, case_id=case_id, config_hash=chash, config=cfg_dict,
+                         status="queued", created_at=now, backend=self.backend, target_worker=target, **extra)
 
     # ------------------------------------------------------------------------------------------- reads
 
@@ -773,11 +774,7 @@ class DaskJobClient(JobClient):
         from vmat_core.worker import run_dask_job
 
         target = self._check_worker(worker)
-        now = time.time()
-        rec = JobRecord(
-            job_id=new_job_id(now), kind=kind, case_id=case_id, config_hash=chash, config=cfg_dict,
-            status="queued", created_at=now, backend="dask", target_worker=target, scheduler=self.scheduler,
-        )
+        rec = self._new_record(kind, case_id, chash, cfg_dict, target, scheduler=self.scheduler)
         job_id, created = self.ledger.create(rec, f"{kind}:{chash}", enqueue=False)
         if not created:
             return job_id

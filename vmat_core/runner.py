@@ -539,12 +539,14 @@ def reference_plan(
     dose_1d = inf_db.dose_3d_to_1d(dose_3d=dose_3d).astype(float)
     prescription_gy = float(clinical_criteria.get_prescription())
     ev = evaluate_plan(inf_db, list(structs.get_structures()), dose_1d, prescription_gy, clinical_criteria.get_criteria())
-    # Every dose voxel: PortPy's full matrix maps them whatever the beams, so one beam keeps the load small.
-    one_beam = RunConfig.from_dict({**cfg.to_dict(), "beam_ids": [int(cfg.beam_ids[0])]})
-    _, ct_full, structs_full, beams_full, _, _ = load_case(one_beam, portpy_dir)
+    # Every dose voxel: PortPy's full matrix maps them whatever the beams, so one beam keeps the load small; the
+    # prepared case's CT and structures serve (the matrix copies what it takes from them).
     with _quiet():
-        full_matrix = pp.InfluenceMatrix(ct=ct_full, structs=structs_full, beams=beams_full)
-    full_ev = evaluate_plan(full_matrix, list(structs_full.get_structures()),
+        data = pp.DataExplorer(data_dir=str(case.path.parent))
+        data.patient_id = case_id
+        one_beam = pp.Beams(data, beam_ids=[int(cfg.beam_ids[0])])
+        full_matrix = pp.InfluenceMatrix(ct=ct, structs=structs, beams=one_beam)
+    full_ev = evaluate_plan(full_matrix, list(structs.get_structures()),
                             full_matrix.dose_3d_to_1d(dose_3d=dose_3d).astype(float), prescription_gy,
                             clinical_criteria.get_criteria())
     out = {
